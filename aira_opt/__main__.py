@@ -1,0 +1,3 @@
+from aira_opt.cli import run
+
+run()

@@ -1,0 +1,219 @@
+"""`aira-opt`: the command line. It parses options and calls the modules; no logic lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aira_opt import __version__
+from aira_opt.errors import AiraOptError
+
+PRECISIONS = ["fp32", "fp16", "int8-qdq", "int8", "int4"]
+PROVIDERS = ["cpu", "cuda", "tensorrt"]
+
+model_option = click.option("--model", "model_spec", default="aira-tiny", show_default=True, metavar="SPEC",
+                            help="aira-tiny (bundled), aira-2-1b1-random, a local folder, or a hub id.")
+num_layers_option = click.option("--num-layers", type=click.IntRange(min=1), default=None,
+                                 help="Depth override for a random preset (quick runs).")
+onnx_dir_option = click.option("--onnx", "onnx_dir", required=True,
+                               type=click.Path(exists=True, file_okay=False, path_type=Path),
+                               help="An aira-opt export folder.")
+provider_option = click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+                               help="ONNX Runtime execution provider.")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="ONNX Runtime intra-op threads (default: all cores).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aira-opt")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Take Aira-2-1B1 (and Llama-family models like it) from PyTorch to fast, verified ONNX Runtime and
+    TensorRT inference."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "optimum", "torch", "onnxruntime", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _load(model_spec: str, num_layers: int | None):
+    from aira_opt.specs import load_model
+
+    return load_model(model_spec, num_layers=num_layers)
+
+
+# export ------------------------------------------------------------------------------------------------
+@main.command("export")
+@model_option
+@num_layers_option
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Precision of the ONNX graph.")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder [default: export/<model>/<precision>].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--atol", type=float, default=None, help="Max |logit diff| vs PyTorch accepted by the fp32 validation.")
+def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
+               atol: float | None) -> None:
+    """Export a model to ONNX with KV cache, validated against PyTorch."""
+    from aira_opt.artifacts import refuse_existing
+    from aira_opt.exporting import FP32_ATOL, default_output, export_fp32
+
+    loaded = _load(model_spec, num_layers)
+    output = output or default_output(loaded.name, precision)
+    refuse_existing(output, force)
+    if precision == "fp32":
+        export_fp32(loaded, output, force=force, atol=atol if atol is not None else FP32_ATOL)
+    else:
+        from aira_opt.precision import export_variant
+
+        export_variant(loaded, precision, output, force=force)
+    click.echo(f"wrote {output}")
+
+
+# generate ----------------------------------------------------------------------------------------------
+@main.command("generate")
+@onnx_dir_option
+@click.argument("question", required=False)
+@provider_option
+@threads_option
+@click.option("--greedy", is_flag=True, help="Argmax instead of sampling (the repetition penalty still applies).")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--num-return-sequences", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="[default: card's 200]")
+@click.option("--temperature", type=float, default=None, help="[default: card's 0.2]")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="[default: card's 30]")
+@click.option("--top-p", type=float, default=None, help="[default: card's 0.3]")
+@click.option("--repetition-penalty", type=float, default=None, help="[default: card's 1.2]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per question instead of streaming.")
+def generate_cmd(onnx_dir: Path, question: str | None, provider: str, threads: int | None, greedy: bool,
+                 seed: int | None, num_return_sequences: int, max_new_tokens: int | None, temperature: float | None,
+                 top_k: int | None, top_p: float | None, repetition_penalty: float | None, as_json: bool) -> None:
+    """Answer a question (or one per line of standard input) with our ONNX Runtime loop."""
+    from aira_opt.chat import Chat, settings_from_folder
+
+    options = settings_from_folder(onnx_dir, greedy=greedy, seed=seed, num_return_sequences=num_return_sequences,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty)
+    questions = [question] if question is not None else (line.strip() for line in sys.stdin)
+    with Chat(onnx_dir, provider=provider, threads=threads) as chat:
+        for q in questions:
+            if not q:
+                continue
+            if as_json:
+                click.echo(json.dumps(chat.answer(q, options)))
+            else:
+                chat.stream(q, options, click.echo)
+
+
+# check -------------------------------------------------------------------------------------------------
+@main.command("check")
+@onnx_dir_option
+@click.option("--model", "model_spec", default=None, metavar="SPEC",
+              help="PyTorch baseline [default: the export's source model from its manifest].")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Questions, one per line [default: 8 built-in Aira questions].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report as JSON ('-' for stdout).")
+@provider_option
+@threads_option
+def check_cmd(onnx_dir: Path, model_spec: str | None, prompts_file: Path | None, max_new_tokens: int,
+              json_path: Path | None, provider: str, threads: int | None) -> None:
+    """Check an export's outputs against the PyTorch baseline; exit 1 when it fails its thresholds."""
+    from aira_opt.artifacts import read_manifest
+    from aira_opt.compare import load_questions, report_table, run_check
+    from aira_opt.runtime import OrtDecoder
+
+    manifest = read_manifest(onnx_dir)
+    source = manifest.get("source_model", {})
+    spec = model_spec or source.get("source")
+    if not spec:
+        raise click.UsageError("the manifest names no source model; pass --model")
+    num_layers = source.get("num_layers_override") if model_spec is None else None
+    loaded = _load(spec, num_layers)
+    precision = manifest.get("precision", "fp32")
+    questions = load_questions(prompts_file)
+    with OrtDecoder(onnx_dir, provider=provider, threads=threads) as decoder:
+        report = run_check(loaded, decoder, precision, questions, max_new_tokens)
+    data = report.to_json()
+    data["evaluation"] = f"onnxruntime {provider} provider running the {precision} graph as exported"
+    if json_path is not None:
+        text = json.dumps(data, indent=2)
+        if str(json_path) == "-":
+            click.echo(text)
+        else:
+            json_path.write_text(text + "\n")
+    out = click.echo if str(json_path) != "-" else (lambda s: click.echo(s, err=True))
+    out(report_table(report))
+    out(f"\nprecision {precision}: greedy identical {report.greedy_exact_match}/{report.prompts}, "
+        f"top-1 agreement {report.top1_agreement:.4f}, max |logit diff| {report.max_abs_logit_diff:.3e}, "
+        f"min cosine {report.min_cosine:.6f}, perplexity torch {report.perplexity_torch:.4f} "
+        f"onnx {report.perplexity_onnx:.4f}")
+    if report.passed:
+        out("PASSED")
+        return
+    for failure in report.failures:
+        out(f"FAILED: {failure}")
+    raise SystemExit(1)
+
+
+# inspect -----------------------------------------------------------------------------------------------
+@main.command("inspect")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest check as JSON.")
+def inspect_cmd(folder: Path, as_json: bool) -> None:
+    """Print an export's contract and manifest, and verify every file's sha256."""
+    from aira_opt.artifacts import read_manifest, verify_manifest
+
+    manifest = read_manifest(folder)
+    problems = verify_manifest(folder)
+    summary: dict[str, Any] = {
+        "folder": str(folder), "precision": manifest.get("precision"),
+        "source_model": manifest.get("source_model", {}).get("source"), "opset": manifest.get("opset"),
+        "files": len(manifest.get("files", {})), "hashes_ok": not problems, "problems": problems,
+        "contract": manifest.get("contract"), "kept_fp32": manifest.get("kept_fp32"),
+        "quantization": manifest.get("quantization"),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for key in ("folder", "precision", "source_model", "opset", "files", "kept_fp32", "quantization"):
+            click.echo(f"{key}: {summary[key]}")
+        contract = manifest.get("contract") or {}
+        for name, shape in {**contract.get("inputs", {}), **contract.get("outputs", {})}.items():
+            if ".0." in name or not name.startswith(("past_key_values", "present")):
+                click.echo(f"  {name}: {shape}")
+        click.echo("hashes: all match" if not problems else "hashes: " + "; ".join(problems))
+    if problems:
+        raise SystemExit(1)
+
+
+def run() -> None:
+    """Console-script entry: domain errors print one line (Click does that); Ctrl-C exits 130 quietly."""
+    try:
+        main(standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+__all__ = ["main", "run", "AiraOptError"]

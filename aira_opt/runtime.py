@@ -1,0 +1,164 @@
+"""ONNX Runtime runner for an exported decoder: activate, step, deactivate.
+
+The KV cache lives in ONNX Runtime's own buffers (OrtValue + IOBinding): each step's `present.*` outputs are
+bound as the next step's `past_key_values.*` inputs without a numpy round trip, so under the CUDA provider
+the cache never leaves the GPU. Only the logits of the last position come back to the host, for sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from aira_opt.contract import DecoderContract
+from aira_opt.errors import ExportFolderError, ProviderUnavailableError
+
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", "onnxruntime"),
+    "cuda": ("CUDAExecutionProvider", "aira-opt[gpu]  (onnxruntime-gpu; uninstall onnxruntime first)"),
+    "tensorrt": ("TensorrtExecutionProvider", "aira-opt[gpu,trt]  (onnxruntime-gpu and tensorrt)"),
+}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def resolve_provider(name: str) -> list[str]:
+    """Provider list for a --provider name; a missing one is a one-line error naming the package."""
+    if name not in PROVIDERS:
+        raise ProviderUnavailableError(f"unknown provider '{name}'; use one of {', '.join(PROVIDERS)}")
+    provider, package = PROVIDERS[name]
+    if provider not in ort.get_available_providers():
+        raise ProviderUnavailableError(
+            f"ONNX Runtime provider {provider} is not available here; install it: pip install '{package}'"
+        )
+    return [provider] if name == "cpu" else [provider, "CPUExecutionProvider"]
+
+
+def onnx_file(folder: Path) -> Path:
+    path = Path(folder) / "model.onnx"
+    if not path.is_file():
+        raise ExportFolderError(f"'{folder}' has no model.onnx; run `aira-opt export` first")
+    return path
+
+
+def session_options(threads: int | None = None, optimized_cache: Path | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if optimized_cache is not None:
+        opts.optimized_model_filepath = str(optimized_cache)
+    return opts
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # [B, V] for the last position, or [B, S, V] when all positions were asked for
+    seconds: float
+
+
+@dataclass
+class KVCache:
+    """The past keys and values of every layer, as OrtValues in the session's device memory."""
+
+    values: list[ort.OrtValue]  # 2 * num_layers, each [B, kv_heads, past, head_dim]
+    length: int  # past length
+    batch: int = field(default=0)
+
+
+class OrtDecoder:
+    """One ONNX Runtime session over an export folder, with KV cache stepping through IOBinding."""
+
+    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
+        self.folder = Path(folder)
+        self.provider = provider
+        self.model_path = onnx_file(self.folder)
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise ExportFolderError(f"'{folder}' has no config.json")
+        self.config = json.loads(config_path.read_text())
+        self.contract = DecoderContract.from_config_dict(self.config)
+        self.providers = resolve_provider(provider)
+        self.threads = threads
+        self.session: ort.InferenceSession | None = None
+        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        self.load_seconds = 0.0
+
+    # Lifecycle --------------------------------------------------------------------------------------
+    def activate(self) -> OrtDecoder:
+        if self.session is None:
+            start = time.perf_counter()
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(self.threads),
+                                                providers=self.providers)
+            self.load_seconds = time.perf_counter() - start
+            inputs = {i.name: i for i in self.session.get_inputs()}
+            missing = [n for n in self.contract.input_names() if n not in inputs]
+            if missing:
+                raise ExportFolderError(f"'{self.model_path}' lacks inputs {missing}; not an aira-opt decoder export")
+            self.kv_dtype = ORT_DTYPES[inputs[self.contract.past_names()[0]].type]
+        return self
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def __enter__(self) -> OrtDecoder:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    # Steps ------------------------------------------------------------------------------------------
+    def empty_cache(self, batch: int) -> KVCache:
+        """Zero-length past tensors: the prefill is the same graph with past length 0."""
+        c = self.contract
+        zeros = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), dtype=self.kv_dtype)
+        values = [ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0) for _ in c.past_names()]
+        return KVCache(values=values, length=0, batch=batch)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
+             all_logits: bool = False) -> tuple[StepOutput, KVCache]:
+        """Run one forward pass; returns the logits and the grown cache (still in ONNX Runtime memory).
+
+        input_ids, position_ids: [B, S] int64; attention_mask: [B, past + S] int64.
+        """
+        assert self.session is not None, "call activate() first"
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.contract.past_names(), cache.values):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # sampling happens on the host
+        for name in self.contract.present_names():
+            binding.bind_output(name, self.device, 0)
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()  # [B, S, V]
+        seconds = time.perf_counter() - start
+        new_cache = KVCache(values=list(outputs[1:]), length=cache.length + input_ids.shape[1], batch=cache.batch)
+        logits = logits if all_logits else logits[:, -1, :]
+        return StepOutput(logits=logits.astype(np.float32, copy=False), seconds=seconds), new_cache
+
+    def forward_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Plain session.run with numpy in and out: the simple path, used for validation."""
+        assert self.session is not None, "call activate() first"
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feeds)))
+
+
+def position_ids_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """position_ids for the last `new_tokens` positions: cumulative sum of the mask, so left padding works.
+
+    Pads get position 1, exactly as transformers' generate does, so batched logits match it.
+    attention_mask: [B, past + S] -> position_ids: [B, S]
+    """
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    positions = np.where(attention_mask == 0, 1, positions)
+    return positions[:, -new_tokens:].astype(np.int64)
