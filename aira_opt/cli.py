@@ -176,6 +176,57 @@ def check_cmd(onnx_dir: Path, model_spec: str | None, prompts_file: Path | None,
     raise SystemExit(1)
 
 
+# bench -------------------------------------------------------------------------------------------------
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers") from None
+    if not items or any(v < 1 for v in items):
+        raise click.BadParameter("give one or more positive integers, e.g. 64,512")
+    return items
+
+
+@main.command("bench")
+@model_option
+@num_layers_option
+@click.option("--onnx", "onnx_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Export folder(s) for the ort and optimum backends (repeatable) [default: export/<model>/fp32].")
+@click.option("--engine", "engines", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="TensorRT engine(s) for the trt backend (needs TensorRT and a GPU).")
+@click.option("--genai", "genai_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A folder built by onnxruntime-genai's model builder, for the genai backend.")
+@click.option("--backends", default="torch,ort,optimum,genai,trt", show_default=True,
+              help="Comma-separated subset of torch, ort, optimum, genai, trt.")
+@click.option("--prompt-lengths", default="64", show_default=True, callback=_int_list)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--batch-sizes", default="1", show_default=True, callback=_int_list)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@threads_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
+              genai_dir: Path | None, backends: str, prompt_lengths: list[int], new_tokens: int,
+              batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, json_path: Path | None,
+              markdown_path: Path | None, plot_path: Path | None) -> None:
+    """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""
+    from aira_opt.bench_plan import plan_jobs
+    from aira_opt.bench import Setting, render_text, run_bench, write_outputs
+
+    wanted = [b.strip() for b in backends.split(",") if b.strip()]
+    plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), genai_dir, wanted)
+    settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
+    report = run_bench(plan.jobs, settings, warmup, repeats, threads, plan.vocab, plan.eos, plan.pad,
+                       skipped=plan.skipped, progress=lambda s: click.echo(s, err=True))
+    command = "aira-opt " + " ".join(sys.argv[1:]) if sys.argv and "aira-opt" in sys.argv[0] else ""
+    click.echo(render_text(report))
+    write_outputs(report, json_path, markdown_path, plot_path, command)
+    if not report.results:
+        raise AiraOptError("no backend produced a result: " + "; ".join(s["reason"] for s in report.skipped))
+
+
 # inspect -----------------------------------------------------------------------------------------------
 @main.command("inspect")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))

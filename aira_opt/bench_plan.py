@@ -1,0 +1,73 @@
+"""Which bench jobs to run: backends x models, and the reasons for the ones that cannot run here."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aira_opt.bench import BACKENDS, Job
+from aira_opt.errors import AiraOptError
+
+
+@dataclass
+class BenchPlan:
+    jobs: list[Job]
+    vocab: int  # token ids are drawn below this (the tokenizer's size)
+    eos: int
+    pad: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _precision(folder: Path) -> str:
+    from aira_opt.artifacts import read_manifest
+
+    return str(read_manifest(folder).get("precision", "fp32"))
+
+
+def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], engines: list[Path],
+              genai_dir: Path | None, backends: list[str]) -> BenchPlan:
+    from transformers import AutoTokenizer
+
+    from aira_opt.specs import bundled_model_dir, load_model, spec_name, PRESETS
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise AiraOptError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+    if not onnx_dirs and ({"ort", "optimum"} & set(backends)):
+        name = spec_name(model_spec) if num_layers is None else f"{model_spec}-{num_layers}l"
+        default = Path("export") / name / "fp32"
+        if not (default / "model.onnx").is_file():
+            raise AiraOptError(f"no --onnx given and {default} does not exist; run "
+                               f"`aira-opt export --model {model_spec}` first or pass --onnx")
+        onnx_dirs = [default]
+    if model_spec in PRESETS or model_spec == "aira-tiny":
+        tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    elif onnx_dirs:
+        tokenizer = AutoTokenizer.from_pretrained(str(onnx_dirs[0]))
+    else:
+        tokenizer = load_model(model_spec).tokenizer
+    jobs: list[Job] = []
+    skipped: list[dict[str, str]] = []
+    if "torch" in backends:
+        jobs.append(Job("torch", "torch fp32", "fp32", model_spec, model_spec, num_layers))
+    for folder in onnx_dirs:
+        precision = _precision(folder)
+        if "ort" in backends:
+            jobs.append(Job("ort", f"ort {precision}", precision, str(folder)))
+        if "optimum" in backends:
+            jobs.append(Job("optimum", f"optimum {precision}", precision, str(folder)))
+    if "genai" in backends:
+        if genai_dir is None:
+            skipped.append({"backend": "genai", "reason": "no --genai folder (build one with "
+                            "benchmarks/build_genai.sh)"})
+        elif importlib.util.find_spec("onnxruntime_genai") is None:
+            skipped.append({"backend": "genai", "reason": "onnxruntime-genai is not installed "
+                            "(pip install onnxruntime-genai)"})
+        else:
+            jobs.append(Job("genai", "genai", "genai", str(genai_dir)))
+    if "trt" in backends and engines:
+        skipped.extend({"backend": f"trt {e}", "reason": "TensorRT engine runner needs TensorRT and an NVIDIA GPU, "
+                        "neither present here"} for e in engines)
+    return BenchPlan(jobs=jobs, vocab=len(tokenizer), eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
+                     skipped=skipped)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from aira_opt.bench import probe_bandwidth_gbps
+from aira_opt.cli import main
+
+REQUIRED = {"backend", "precision", "batch_size", "prompt_length", "new_tokens", "ttft_ms", "decode_tokens_per_s",
+            "decode_ms_p50", "decode_ms_p90", "peak_rss_mb", "size_mb"}
+
+
+def test_bench_on_aira_tiny_writes_wellformed_json_markdown_and_png(tiny_export, tmp_path):
+    out_json, out_md, out_png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    result = CliRunner().invoke(main, [
+        "bench", "--onnx", str(tiny_export), "--backends", "torch,ort", "--new-tokens", "8", "--prompt-lengths", "16",
+        "--batch-sizes", "1,2", "--warmup", "0", "--repeats", "2", "--json", str(out_json), "--markdown",
+        str(out_md), "--plot", str(out_png)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert {"cpu", "threads", "memory_bandwidth_gbps", "versions"} <= set(data["machine"])
+    assert data["machine"]["memory_bandwidth_gbps"] > 0
+    rows = data["results"]
+    assert sorted((r["backend"], r["batch_size"]) for r in rows) == [("ort", 1), ("ort", 2), ("torch", 1),
+                                                                      ("torch", 2)]
+    for r in rows:
+        assert REQUIRED <= set(r)
+        assert r["new_tokens"] == 8 and r["prompt_length"] == 16 and r["repeats"] == 2
+        assert r["decode_steps"] == 7  # the first of the 8 tokens comes from the prefill
+        assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["size_mb"] > 0
+        assert 0 < r["decode_ms_p50"] <= r["decode_ms_p90"] <= r["decode_ms_p99"]
+        assert r["pct_of_bound"] > 0
+    assert "| backend |" in out_md.read_text() and "torch fp32" in out_md.read_text()
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "x torch" in result.output and "ort fp32" in result.output
+
+
+def test_bench_reports_skipped_backends_with_a_reason(tiny_export):
+    result = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), "--backends", "ort,genai",
+                                       "--new-tokens", "4", "--prompt-lengths", "8", "--warmup", "0",
+                                       "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "skipped genai:" in result.output
+
+
+def test_bench_rejects_unknown_backends_and_bad_lists(tiny_export):
+    result = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), "--backends", "torch,vllm"])
+    assert result.exit_code == 1 and "unknown backend" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), "--prompt-lengths", "64,x"])
+    assert result.exit_code == 2 and "comma-separated" in result.output
+
+
+def test_bandwidth_probe_returns_a_positive_figure():
+    assert probe_bandwidth_gbps(megabytes=64, repeats=2) > 0
