@@ -224,13 +224,19 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
 
         def run(ids: np.ndarray, n: int) -> tuple[float, list[float]]:
             return _hf_generate_timings(model, ids, n, pad)
-    elif job.backend == "ort":
+    elif job.backend in ("ort", "trt"):
         from aira_opt.generation import GenerateOptions, generate
         from aira_opt.runtime import OrtDecoder
         from aira_opt.sampling import SamplingSettings
 
-        size_bytes, weight_bytes = onnx_weight_bytes(Path(job.target))
-        decoder = OrtDecoder(Path(job.target), threads=threads).activate()
+        if job.backend == "ort":
+            size_bytes, weight_bytes = onnx_weight_bytes(Path(job.target))
+            decoder: Any = OrtDecoder(Path(job.target), threads=threads).activate()
+        else:
+            from aira_opt.engines import PLAN_FILE, TrtDecoder
+
+            size_bytes = weight_bytes = (Path(job.target) / PLAN_FILE).stat().st_size
+            decoder = TrtDecoder(Path(job.target)).activate()
 
         def run(ids: np.ndarray, n: int) -> tuple[float, list[float]]:
             opts = GenerateOptions(max_new_tokens=n, ignore_eos=True,

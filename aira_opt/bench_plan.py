@@ -25,6 +25,25 @@ def _precision(folder: Path) -> str:
     return str(read_manifest(folder).get("precision", "fp32"))
 
 
+def _trt_missing() -> str:
+    """Why the trt backend cannot run here, or '' when it can."""
+    from aira_opt.engines import import_tensorrt, require_gpu
+    from aira_opt.errors import TensorRTUnavailableError
+
+    try:
+        import_tensorrt()
+        require_gpu()
+    except TensorRTUnavailableError as exc:
+        return exc.message
+    return ""
+
+
+def _engine_precision(folder: Path) -> str:
+    import json
+
+    return str(json.loads((Path(folder) / "model.json").read_text()).get("precision", "?"))
+
+
 def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], engines: list[Path],
               genai_dir: Path | None, backends: list[str]) -> BenchPlan:
     from transformers import AutoTokenizer
@@ -66,8 +85,12 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
                             "(pip install onnxruntime-genai)"})
         else:
             jobs.append(Job("genai", "genai", "genai", str(genai_dir)))
-    if "trt" in backends and engines:
-        skipped.extend({"backend": f"trt {e}", "reason": "TensorRT engine runner needs TensorRT and an NVIDIA GPU, "
-                        "neither present here"} for e in engines)
+    if "trt" in backends:
+        for engine in engines:
+            missing = _trt_missing()
+            if missing:
+                skipped.append({"backend": f"trt {engine}", "reason": missing})
+            else:
+                jobs.append(Job("trt", f"trt {_engine_precision(engine)}", _engine_precision(engine), str(engine)))
     return BenchPlan(jobs=jobs, vocab=len(tokenizer), eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
                      skipped=skipped)

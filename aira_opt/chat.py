@@ -10,7 +10,6 @@ from typing import Any
 from aira_opt.errors import AiraOptError, ExportFolderError
 from aira_opt.generation import GenerateOptions, GenerationResult, generate
 from aira_opt.prompts import decode_answer, prompt_ids
-from aira_opt.runtime import OrtDecoder
 from aira_opt.sampling import SamplingSettings
 from aira_opt.specs import CARD_GENERATION_DEFAULTS
 
@@ -39,16 +38,16 @@ def settings_from_folder(folder: Path, greedy: bool = False, seed: int | None = 
 
 
 class Chat:
-    """An export folder ready to answer: its tokenizer, Aira's template, and an ONNX Runtime decoder."""
+    """A model folder ready to answer: its tokenizer, Aira's template, and a decoder (ONNX Runtime or TensorRT)."""
 
-    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, folder: Path, decoder: Any):
         from transformers import AutoTokenizer
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:
             raise ExportFolderError(f"'{folder}' has no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
-        self.decoder = OrtDecoder(folder, provider=provider, threads=threads)
+        self.decoder = decoder
 
     def __enter__(self) -> Chat:
         self.decoder.activate()

@@ -20,9 +20,12 @@ model_option = click.option("--model", "model_spec", default="aira-tiny", show_d
                             help="aira-tiny (bundled), aira-2-1b1-random, a local folder, or a hub id.")
 num_layers_option = click.option("--num-layers", type=click.IntRange(min=1), default=None,
                                  help="Depth override for a random preset (quick runs).")
-onnx_dir_option = click.option("--onnx", "onnx_dir", required=True,
+onnx_dir_option = click.option("--onnx", "onnx_dir", default=None,
                                type=click.Path(exists=True, file_okay=False, path_type=Path),
-                               help="An aira-opt export folder.")
+                               help="An aira-opt export folder (ONNX Runtime).")
+engine_dir_option = click.option("--engine", "engine_dir", default=None,
+                                 type=click.Path(exists=True, file_okay=False, path_type=Path),
+                                 help="An aira-opt TensorRT engine folder (from `aira-opt build`), instead of --onnx.")
 provider_option = click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
                                help="ONNX Runtime execution provider.")
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -92,6 +95,7 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
 # generate ----------------------------------------------------------------------------------------------
 @main.command("generate")
 @onnx_dir_option
+@engine_dir_option
 @click.argument("question", required=False)
 @provider_option
 @threads_option
@@ -104,17 +108,19 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
 @click.option("--top-p", type=float, default=None, help="[default: card's 0.3]")
 @click.option("--repetition-penalty", type=float, default=None, help="[default: card's 1.2]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per question instead of streaming.")
-def generate_cmd(onnx_dir: Path, question: str | None, provider: str, threads: int | None, greedy: bool,
+def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str | None, provider: str, threads: int | None, greedy: bool,
                  seed: int | None, num_return_sequences: int, max_new_tokens: int | None, temperature: float | None,
                  top_k: int | None, top_p: float | None, repetition_penalty: float | None, as_json: bool) -> None:
     """Answer a question (or one per line of standard input) with our ONNX Runtime loop."""
     from aira_opt.chat import Chat, settings_from_folder
+    from aira_opt.runtime import open_decoder
 
-    options = settings_from_folder(onnx_dir, greedy=greedy, seed=seed, num_return_sequences=num_return_sequences,
+    folder, decoder = open_decoder(onnx_dir, engine_dir, provider, threads)
+    options = settings_from_folder(folder, greedy=greedy, seed=seed, num_return_sequences=num_return_sequences,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty)
     questions = [question] if question is not None else (line.strip() for line in sys.stdin)
-    with Chat(onnx_dir, provider=provider, threads=threads) as chat:
+    with Chat(folder, decoder) as chat:
         for q in questions:
             if not q:
                 continue
@@ -124,9 +130,60 @@ def generate_cmd(onnx_dir: Path, question: str | None, provider: str, threads: i
                 chat.stream(q, options, click.echo)
 
 
+# build -------------------------------------------------------------------------------------------------
+@main.command("build")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An fp16 or int8-qdq export folder (fp32 builds an fp32 engine).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Engine folder [default: engines/<model>/<precision>/<target>].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-seq", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most new tokens in one call (the longest prefill).")
+@click.option("--max-context", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Most tokens of past + new.")
+@click.option("--target", type=click.Choice(["a100", "native"]), default="a100", show_default=True)
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read and update this timing cache file.")
+@click.option("--workspace", "workspace_gib", type=float, default=8.0, show_default=True, help="GiB.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level.")
+@click.option("--one-profile", is_flag=True, help="One profile for prefill and decode instead of two.")
+@click.option("--dry-run", is_flag=True, help="Print the build plan and run the pre-flight; needs no TensorRT.")
+@click.option("--force", is_flag=True, help="Replace an existing engine folder.")
+def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int, max_context: int, target: str,
+              timing_cache: Path | None, workspace_gib: float, opt_level: int, one_profile: bool, dry_run: bool,
+              force: bool) -> None:
+    """Build a TensorRT 11 engine (strongly typed) from an export folder."""
+    from aira_opt.artifacts import read_manifest
+    from aira_opt.engine_plan import BuildOptions, describe_plan, make_plan
+    from aira_opt.specs import spec_name
+
+    options = BuildOptions(max_batch=max_batch, max_seq=max_seq, max_context=max_context, target=target,
+                           workspace_gib=workspace_gib, opt_level=opt_level,
+                           timing_cache=str(timing_cache) if timing_cache else None)
+    plan = make_plan(onnx_dir, options, two_profiles=not one_profile)
+    source = read_manifest(onnx_dir).get("source_model", {})
+    output = output or Path("engines") / spec_name(source.get("name", onnx_dir.parent.name)) / plan.precision / target
+    click.echo(describe_plan(plan))
+    if plan.preflight:
+        raise AiraOptError(f"pre-flight found {len(plan.preflight)} problem(s); not building")
+    if dry_run:
+        click.echo(f"dry run: would write {output}/model.plan and model.json")
+        return
+    from aira_opt.engines import build_engine
+
+    sidecar = build_engine(plan, onnx_dir, output, force=force)
+    click.echo(f"wrote {output} (TensorRT {sidecar['tensorrt_version']}, {sidecar['gpu']}, "
+               f"hardware compatibility {sidecar['hardware_compatibility_level']}, {sidecar['build_seconds']}s)")
+    if sidecar["hardware_compatibility_level"] == "AMPERE_PLUS":
+        click.echo("note: AMPERE_PLUS plans use only kernels every Ampere+ GPU has; expect them to run slower "
+                   "than a native build on the A100 itself")
+
+
 # check -------------------------------------------------------------------------------------------------
 @main.command("check")
 @onnx_dir_option
+@engine_dir_option
 @click.option("--model", "model_spec", default=None, metavar="SPEC",
               help="PyTorch baseline [default: the export's source model from its manifest].")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -136,14 +193,15 @@ def generate_cmd(onnx_dir: Path, question: str | None, provider: str, threads: i
               help="Write the report as JSON ('-' for stdout).")
 @provider_option
 @threads_option
-def check_cmd(onnx_dir: Path, model_spec: str | None, prompts_file: Path | None, max_new_tokens: int,
+def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | None, prompts_file: Path | None, max_new_tokens: int,
               json_path: Path | None, provider: str, threads: int | None) -> None:
     """Check an export's outputs against the PyTorch baseline; exit 1 when it fails its thresholds."""
     from aira_opt.artifacts import read_manifest
     from aira_opt.compare import load_questions, report_table, run_check
-    from aira_opt.runtime import OrtDecoder
+    from aira_opt.runtime import open_decoder
 
-    manifest = read_manifest(onnx_dir)
+    folder, decoder = open_decoder(onnx_dir, engine_dir, provider, threads)
+    manifest = read_manifest(folder) if onnx_dir else json.loads((folder / "source_manifest.json").read_text())
     source = manifest.get("source_model", {})
     spec = model_spec or source.get("source")
     if not spec:
@@ -152,10 +210,11 @@ def check_cmd(onnx_dir: Path, model_spec: str | None, prompts_file: Path | None,
     loaded = _load(spec, num_layers)
     precision = manifest.get("precision", "fp32")
     questions = load_questions(prompts_file)
-    with OrtDecoder(onnx_dir, provider=provider, threads=threads) as decoder:
+    with decoder:
         report = run_check(loaded, decoder, precision, questions, max_new_tokens)
     data = report.to_json()
-    data["evaluation"] = f"onnxruntime {provider} provider running the {precision} graph as exported"
+    data["evaluation"] = (f"TensorRT engine {folder}" if engine_dir else
+                          f"onnxruntime {provider} provider running the {precision} graph as exported")
     if json_path is not None:
         text = json.dumps(data, indent=2)
         if str(json_path) == "-":

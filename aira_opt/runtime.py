@@ -153,6 +153,20 @@ class OrtDecoder:
         return dict(zip(names, self.session.run(names, feeds)))
 
 
+def open_decoder(onnx_dir: Path | None, engine_dir: Path | None, provider: str = "cpu",
+                 threads: int | None = None) -> tuple[Path, Any]:
+    """The folder and (not yet activated) decoder for --onnx DIR or --engine DIR; exactly one must be given."""
+    from aira_opt.errors import AiraOptError
+
+    if (onnx_dir is None) == (engine_dir is None):
+        raise AiraOptError("give exactly one of --onnx DIR (ONNX Runtime) or --engine DIR (TensorRT engine folder)")
+    if engine_dir is not None:
+        from aira_opt.engines import TrtDecoder
+
+        return Path(engine_dir), TrtDecoder(Path(engine_dir))
+    return Path(onnx_dir), OrtDecoder(Path(onnx_dir), provider=provider, threads=threads)
+
+
 def position_ids_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
     """position_ids for the last `new_tokens` positions: cumulative sum of the mask, so left padding works.
 
