@@ -41,6 +41,7 @@ class Job:
     target: str  # model spec (torch), export folder (ort/optimum), genai folder, engine path
     model_spec: str = ""
     num_layers: int | None = None
+    provider: str = "cpu"  # ONNX Runtime provider for the ort and optimum backends
 
 
 @dataclass
@@ -63,6 +64,7 @@ class BenchResult:
     e2e_tokens_per_s: float
     peak_rss_mb: float
     size_mb: float
+    peak_gpu_mb: float | None
     weight_mb_per_step: float
     load_s: float
     pct_of_bound: float | None = None
@@ -149,16 +151,21 @@ def onnx_weight_bytes(folder: Path) -> tuple[int, int]:
 
 
 # Child-process runners ----------------------------------------------------------------------------------
-def _timing_streamer():
+def _timing_streamer(cuda: bool = False):
     from transformers.generation.streamers import BaseStreamer
 
     class TimingStreamer(BaseStreamer):
-        """Timestamps each put(): the first is the prompt, then one per generated step."""
+        """Timestamps each put(): the first is the prompt, then one per generated step. On CUDA it waits for
+        the GPU first, so a timestamp means the token really exists."""
 
         def __init__(self):
             self.times: list[float] = []
 
         def put(self, value):
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter())
 
         def end(self):
@@ -167,11 +174,12 @@ def _timing_streamer():
     return TimingStreamer()
 
 
-def _hf_generate_timings(model: Any, ids: np.ndarray, new_tokens: int, pad_id: int) -> tuple[float, list[float]]:
+def _hf_generate_timings(model: Any, ids: np.ndarray, new_tokens: int, pad_id: int,
+                         device: str = "cpu") -> tuple[float, list[float]]:
     import torch
 
-    x = torch.from_numpy(ids)
-    streamer = _timing_streamer()
+    x = torch.from_numpy(ids).to(device)
+    streamer = _timing_streamer(cuda=device == "cuda")
     with torch.inference_mode():
         model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, repetition_penalty=1.0, pad_token_id=pad_id, streamer=streamer,
@@ -192,13 +200,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory PyTorch's allocator handed out in this process (None without CUDA in use)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, threads: int | None,
              prompts: dict[str, list[list[int]]], eos: int, pad: int) -> dict[str, Any]:
     """Body of a child process: load the backend once, then time every setting."""
     start = time.perf_counter()
     size_bytes = weight_bytes = 0
     if job.backend == "torch":
-        import torch
+        import torch  # noqa: F811
 
         from aira_opt.specs import load_model
 
@@ -206,20 +224,26 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
             torch.set_num_threads(threads)
         loaded = load_model(job.model_spec, num_layers=job.num_layers)
         model = loaded.model
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":  # the GPU baseline is fp16, as users run it there
+            model = model.half().to(device)
         params = list(model.parameters())
         size_bytes = sum(p.numel() * p.element_size() for p in params)
         emb = model.get_input_embeddings().weight
         weight_bytes = size_bytes - emb.numel() * emb.element_size()
 
         def run(ids: np.ndarray, n: int) -> tuple[float, list[float]]:
-            return _hf_generate_timings(model, ids, n, pad)
+            return _hf_generate_timings(model, ids, n, pad, device)
     elif job.backend == "optimum":
         from optimum.onnxruntime import ORTModelForCausalLM
 
         from aira_opt.runtime import session_options
 
         size_bytes, weight_bytes = onnx_weight_bytes(Path(job.target))
-        model = ORTModelForCausalLM.from_pretrained(job.target, use_cache=True, use_io_binding=False,
+        from aira_opt.runtime import PROVIDERS
+
+        model = ORTModelForCausalLM.from_pretrained(job.target, use_cache=True, use_io_binding=job.provider != "cpu",
+                                                    provider=PROVIDERS[job.provider][0],
                                                     session_options=session_options(threads))
 
         def run(ids: np.ndarray, n: int) -> tuple[float, list[float]]:
@@ -231,7 +255,7 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
 
         if job.backend == "ort":
             size_bytes, weight_bytes = onnx_weight_bytes(Path(job.target))
-            decoder: Any = OrtDecoder(Path(job.target), threads=threads).activate()
+            decoder: Any = OrtDecoder(Path(job.target), provider=job.provider, threads=threads).activate()
         else:
             from aira_opt.engines import PLAN_FILE, TrtDecoder
 
@@ -282,7 +306,7 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
             steps_all.extend(steps)
             rates.append(setting.batch_size * len(steps) / sum(steps) if steps else float("nan"))
         rows.append({"setting": asdict(setting), "ttft": ttfts, "steps": steps_all, "rates": rates})
-    return {"rows": rows, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "size_bytes": size_bytes,
+    return {"rows": rows, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "size_bytes": size_bytes,
             "weight_bytes": weight_bytes}
 
 
@@ -332,6 +356,7 @@ def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float) -> list[
             decode_ms_p50=percentile_ms(steps, 50), decode_ms_p90=percentile_ms(steps, 90),
             decode_ms_p99=percentile_ms(steps, 99), e2e_tokens_per_s=s.batch_size * s.new_tokens / total_time,
             peak_rss_mb=payload["peak_rss_mb"], size_mb=payload["size_bytes"] / 1e6,
+            peak_gpu_mb=payload.get("peak_gpu_mb"),
             weight_mb_per_step=payload["weight_bytes"] / 1e6, load_s=payload["load_s"],
             pct_of_bound=(100 * (rate / s.batch_size) / bound_steps) if bound_steps else None,
             repeats=len(ttft), decode_steps=len(steps) // max(len(ttft), 1),

@@ -38,6 +38,15 @@ def _trt_missing() -> str:
     return ""
 
 
+def _genai_precision(folder: Path) -> str:
+    """fp32/int4 from the folder name the build script gives (genai-int4), else what its ops say."""
+    name = Path(folder).name.lower()
+    for precision in ("int4", "int8", "fp16", "fp32"):
+        if precision in name:
+            return precision
+    return "genai"
+
+
 def _engine_precision(folder: Path) -> str:
     import json
 
@@ -45,7 +54,7 @@ def _engine_precision(folder: Path) -> str:
 
 
 def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], engines: list[Path],
-              genai_dir: Path | None, backends: list[str]) -> BenchPlan:
+              genai_dirs: list[Path], backends: list[str], provider: str = "cpu") -> BenchPlan:
     from transformers import AutoTokenizer
 
     from aira_opt.specs import bundled_model_dir, load_model, spec_name, PRESETS
@@ -69,22 +78,28 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
     jobs: list[Job] = []
     skipped: list[dict[str, str]] = []
     if "torch" in backends:
-        jobs.append(Job("torch", "torch fp32", "fp32", model_spec, model_spec, num_layers))
+        import torch
+
+        torch_precision = "fp16" if torch.cuda.is_available() else "fp32"  # what users run on each device
+        jobs.append(Job("torch", f"torch {torch_precision}", torch_precision, model_spec, model_spec, num_layers))
+    where = "" if provider == "cpu" else f" ({provider})"
     for folder in onnx_dirs:
         precision = _precision(folder)
         if "ort" in backends:
-            jobs.append(Job("ort", f"ort {precision}", precision, str(folder)))
+            jobs.append(Job("ort", f"ort {precision}{where}", precision, str(folder), provider=provider))
         if "optimum" in backends:
-            jobs.append(Job("optimum", f"optimum {precision}", precision, str(folder)))
+            jobs.append(Job("optimum", f"optimum {precision}{where}", precision, str(folder), provider=provider))
     if "genai" in backends:
-        if genai_dir is None:
+        if not genai_dirs:
             skipped.append({"backend": "genai", "reason": "no --genai folder (build one with "
                             "benchmarks/build_genai.sh)"})
         elif importlib.util.find_spec("onnxruntime_genai") is None:
             skipped.append({"backend": "genai", "reason": "onnxruntime-genai is not installed "
-                            "(pip install onnxruntime-genai)"})
+                            "(pip install 'aira-opt[genai]')"})
         else:
-            jobs.append(Job("genai", "genai", "genai", str(genai_dir)))
+            for folder in genai_dirs:
+                label = _genai_precision(folder)
+                jobs.append(Job("genai", f"genai {label}", label, str(folder)))
     if "trt" in backends:
         for engine in engines:
             missing = _trt_missing()

@@ -253,8 +253,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
               help="Export folder(s) for the ort and optimum backends (repeatable) [default: export/<model>/fp32].")
 @click.option("--engine", "engines", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="TensorRT engine(s) for the trt backend (needs TensorRT and a GPU).")
-@click.option("--genai", "genai_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A folder built by onnxruntime-genai's model builder, for the genai backend.")
+@click.option("--genai", "genai_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder(s) built by onnxruntime-genai's model builder (benchmarks/build_genai.sh), repeatable.")
 @click.option("--backends", default="torch,ort,optimum,genai,trt", show_default=True,
               help="Comma-separated subset of torch, ort, optimum, genai, trt.")
 @click.option("--prompt-lengths", default="64", show_default=True, callback=_int_list)
@@ -263,19 +263,20 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @threads_option
+@provider_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
-              genai_dir: Path | None, backends: str, prompt_lengths: list[int], new_tokens: int,
-              batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, json_path: Path | None,
+              genai_dirs: tuple[Path, ...], backends: str, prompt_lengths: list[int], new_tokens: int,
+              batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str, json_path: Path | None,
               markdown_path: Path | None, plot_path: Path | None) -> None:
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""
     from aira_opt.bench_plan import plan_jobs
     from aira_opt.bench import Setting, render_text, run_bench, write_outputs
 
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
-    plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), genai_dir, wanted)
+    plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), wanted, provider)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     report = run_bench(plan.jobs, settings, warmup, repeats, threads, plan.vocab, plan.eos, plan.pad,
                        skipped=plan.skipped, progress=lambda s: click.echo(s, err=True))
@@ -301,7 +302,8 @@ def inspect_cmd(folder: Path, as_json: bool) -> None:
         "source_model": manifest.get("source_model", {}).get("source"), "opset": manifest.get("opset"),
         "files": len(manifest.get("files", {})), "hashes_ok": not problems, "problems": problems,
         "contract": manifest.get("contract"), "kept_fp32": manifest.get("kept_fp32"),
-        "quantization": manifest.get("quantization"),
+        "quantization": manifest.get("quantization"), "metadata": onnx_metadata(folder),
+        "genai_config": (folder / "genai_config.json").is_file(),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -312,9 +314,21 @@ def inspect_cmd(folder: Path, as_json: bool) -> None:
         for name, shape in {**contract.get("inputs", {}), **contract.get("outputs", {})}.items():
             if ".0." in name or not name.startswith(("past_key_values", "present")):
                 click.echo(f"  {name}: {shape}")
+        for key, value in summary["metadata"].items():
+            click.echo(f"metadata {key}: {value}")
+        click.echo(f"genai_config.json: {'present' if summary['genai_config'] else 'missing'}")
         click.echo("hashes: all match" if not problems else "hashes: " + "; ".join(problems))
     if problems:
         raise SystemExit(1)
+
+
+def onnx_metadata(folder: Path) -> dict[str, str]:
+    import onnx
+
+    path = folder / "model.onnx"
+    if not path.is_file():
+        return {}
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def run() -> None:

@@ -42,6 +42,7 @@ THRESHOLDS: dict[str, Thresholds] = {
     "fp16": Thresholds(min_greedy_fraction=7 / 8, min_top1=0.99),
     "int8-qdq": Thresholds(min_greedy_fraction=0.0, min_top1=0.95, max_perplexity_ratio=1.05),
     "int8": Thresholds(min_greedy_fraction=0.0, min_top1=0.95, max_perplexity_ratio=1.05),
+    "int8-dynamic": Thresholds(min_greedy_fraction=0.0, min_top1=0.95, max_perplexity_ratio=1.05),  # optimum's
     "int4": Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10),
 }
 

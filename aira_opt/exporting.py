@@ -18,6 +18,7 @@ import numpy as np
 from aira_opt.artifacts import atomic_folder, refuse_existing, write_manifest
 from aira_opt.contract import DecoderContract
 from aira_opt.errors import ValidationError
+from aira_opt.portable import make_portable
 from aira_opt.progress import Steps
 from aira_opt.runtime import OrtDecoder, position_ids_from_mask
 from aira_opt.specs import CARD_GENERATION_DEFAULTS, LoadedModel
@@ -82,8 +83,9 @@ def export_fp32(loaded: LoadedModel, output: Path, force: bool = False, atol: fl
     with atomic_folder(output, force) as tmp:
         with steps.step(f"exporting {loaded.name} with optimum (task text-generation-with-past, opset {OPSET})"):
             run_optimum_export(loaded, tmp)
-        with steps.step("writing tokenizer, config and generation defaults"):
+        with steps.step("writing tokenizer, config, generation defaults, metadata and genai_config.json"):
             write_support_files(loaded, tmp)
+            make_portable(loaded, tmp, "fp32")
         with steps.step("validating against PyTorch (prefill + decode, batch 1 and 2, two lengths)"):
             report = validate_against_torch(loaded, tmp, Tolerance(atol=atol))
         if not quiet:
@@ -139,8 +141,12 @@ def validation_batch(case: ValidationCase, vocab: int, seed: int) -> tuple[np.nd
     return ids, mask
 
 
-def validate_against_torch(loaded: LoadedModel, folder: Path, tolerance: Tolerance) -> dict[str, Any]:
-    """Compare ONNX Runtime's logits and presents with PyTorch's for every case; one error lists all misses."""
+def validate_against_torch(loaded: LoadedModel, folder: Path, tolerance: Tolerance,
+                           enforce: bool = True) -> dict[str, Any]:
+    """Compare ONNX Runtime's logits with PyTorch's for every case; one error lists all misses.
+
+    With enforce=False the misses are returned in the report instead of raised (used for reduced-precision
+    variants of random-weight presets, whose near-flat logits make cosine bars meaningless)."""
     import torch
 
     model = loaded.model
@@ -184,6 +190,7 @@ def validate_against_torch(loaded: LoadedModel, folder: Path, tolerance: Toleran
                 past_ort = {p: out[o] for p, o in zip(contract.past_names(), contract.present_names())}
                 step_ids = rng.integers(5, vocab, size=(case.batch, 1), dtype=np.int64)
                 full_mask = np.concatenate([full_mask, np.ones((case.batch, 1), np.int64)], axis=1)
-    if mismatches:
+    if mismatches and enforce:
         raise ValidationError(mismatches)
-    return {"max_abs_logit_diff": worst, "min_cosine": worst_cos, "tolerance": asdict(tolerance), "cases": details}
+    return {"max_abs_logit_diff": worst, "min_cosine": worst_cos, "tolerance": asdict(tolerance), "enforced": enforce,
+            "misses": mismatches, "cases": details}

@@ -27,6 +27,7 @@ from aira_opt.artifacts import atomic_folder, refuse_existing, write_manifest
 from aira_opt.contract import DecoderContract
 from aira_opt.corpus import calibration_questions, training_pairs
 from aira_opt.errors import AiraOptError
+from aira_opt.portable import make_portable
 from aira_opt.progress import Steps
 from aira_opt.prompts import conversation_ids, prompt_ids
 from aira_opt.specs import LoadedModel
@@ -257,6 +258,21 @@ def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySe
     return {**settings.describe(), "quantized_nodes": len(weight_matmuls(model))}
 
 
+def reusable_fp32(loaded: LoadedModel) -> Path | None:
+    """The model.onnx of an existing fp32 export of the same model, when its manifest matches the model and
+    its files still hash to the manifest; None means export afresh."""
+    from aira_opt.artifacts import read_manifest, verify_manifest
+    from aira_opt.exporting import default_output
+
+    folder = default_output(loaded.name, "fp32")
+    if not (folder / "manifest.json").is_file():
+        return None
+    source = read_manifest(folder).get("source_model", {})
+    if source != json.loads(json.dumps(loaded.describe())) or verify_manifest(folder):
+        return None
+    return folder / "model.onnx"
+
+
 # The variant pipeline ----------------------------------------------------------------------------------
 def export_variant(loaded: LoadedModel, precision: str, output: Path, force: bool = False,
                    quiet: bool = False) -> dict[str, Any]:
@@ -274,27 +290,35 @@ def export_variant(loaded: LoadedModel, precision: str, output: Path, force: boo
                 quantization = export_fp16(loaded, tmp)
             else:
                 with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".fp32-") as scratch:
-                    run_optimum_export(loaded, Path(scratch))
-                    src = Path(scratch) / "model.onnx"
+                    src = reusable_fp32(loaded)
+                    if src is None:
+                        run_optimum_export(loaded, Path(scratch))
+                        src = Path(scratch) / "model.onnx"
                     contract = DecoderContract.from_config(loaded.config)
                     if precision == "int8-qdq":
                         quantization = quantize_qdq(src, tmp / "model.onnx", loaded.tokenizer, contract)
                     else:
                         quantization = quantize_weight_only(src, tmp / "model.onnx",
                                                             INT8_CPU if precision == "int8" else INT4_CPU)
-        with steps.step("writing tokenizer, config and generation defaults"):
+        with steps.step("writing tokenizer, config, generation defaults, metadata and genai_config.json"):
             write_support_files(loaded, tmp)
+            make_portable(loaded, tmp, precision)
         model = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
         problems = qdq_problems(model) if precision == "int8-qdq" else []
         if problems:
             raise AiraOptError(f"int8-qdq placement: {'; '.join(problems[:5])}")
-        with steps.step("validating against PyTorch fp32 (finite logits, cosine, top-1)"):
-            report = validate_against_torch(loaded, tmp, VARIANT_TOLERANCE[precision])
+        # Random weights give near-flat logits on which a cosine bar says little: report, do not enforce.
+        enforce = loaded.kind != "random"
+        with steps.step("validating against PyTorch fp32 (finite logits, cosine)"):
+            report = validate_against_torch(loaded, tmp, VARIANT_TOLERANCE[precision], enforce=enforce)
         if not quiet:
             import click
             click.echo(f"      vs PyTorch fp32: min cosine {report['min_cosine']:.5f}, "
                        f"max |logit diff| {report['max_abs_logit_diff']:.3e}; run `aira-opt check` for the full bar",
                        err=True)
+            if report["misses"]:
+                click.echo(f"      warning: {len(report['misses'])} case(s) below the sanity bar "
+                           f"{VARIANT_TOLERANCE[precision]}; not enforced for random weights", err=True)
         with steps.step("hashing files into manifest.json"):
             manifest = write_manifest(tmp, {
                 "precision": precision,

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The full CPU comparison on aira-2-1b1-random (22 layers, Aira-2-1B1's shape): our variants, optimum's own
+# dynamic int8, onnxruntime-genai's own builder output, and PyTorch, in one `aira-opt bench` run.
+#   benchmarks/run_cpu.sh [tag]      (results land in benchmarks/results/<date>-cpu[-tag].{json,md,png})
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=aira-2-1b1-random
+dir=export/$model
+for precision in fp32 int8 int4; do
+  [ -f "$dir/$precision/manifest.json" ] || aira-opt export --model $model --precision $precision
+done
+[ -f "$dir/optimum-int8/manifest.json" ] || python benchmarks/optimum_int8.py "$dir/fp32" "$dir/optimum-int8"
+[ -f "$dir/ckpt/config.json" ] || python benchmarks/save_checkpoint.py $model "$dir/ckpt"
+for precision in fp32 int4; do
+  [ -f "$dir/genai-$precision/genai_config.json" ] || benchmarks/build_genai.sh "$dir/ckpt" "$dir/genai-$precision" $precision
+done
+stem=benchmarks/results/$(date +%Y-%m-%d)-cpu${1:+-$1}
+aira-opt bench --model $model --threads "$(nproc)" --prompt-lengths 64 --new-tokens 64 --batch-sizes 1 \
+  --warmup 1 --repeats 3 --backends torch,ort,optimum,genai \
+  --onnx "$dir/fp32" --onnx "$dir/int8" --onnx "$dir/int4" --onnx "$dir/optimum-int8" \
+  --genai "$dir/genai-fp32" --genai "$dir/genai-int4" \
+  --json "$stem.json" --markdown "$stem.md" --plot "$stem.png"
