@@ -246,8 +246,10 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
                                                     provider=PROVIDERS[job.provider][0],
                                                     session_options=session_options(threads))
 
+        device = "cpu" if job.provider == "cpu" else "cuda"
+
         def run(ids: np.ndarray, n: int) -> tuple[float, list[float]]:
-            return _hf_generate_timings(model, ids, n, pad)
+            return _hf_generate_timings(model, ids, n, pad, device)
     elif job.backend in ("ort", "trt"):
         from aira_opt.generation import GenerateOptions, generate
         from aira_opt.runtime import OrtDecoder

@@ -193,8 +193,10 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int,
               help="Write the report as JSON ('-' for stdout).")
 @provider_option
 @threads_option
-def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | None, prompts_file: Path | None, max_new_tokens: int,
-              json_path: Path | None, provider: str, threads: int | None) -> None:
+@click.option("--baseline", type=click.Choice(["cpu-fp32", "cuda-fp16"]), default="cpu-fp32", show_default=True,
+              help="The PyTorch reference: fp32 on the CPU, or fp16 on the GPU (what GPU users run).")
+def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | None, prompts_file: Path | None,
+              max_new_tokens: int, json_path: Path | None, provider: str, threads: int | None, baseline: str) -> None:
     """Check an export's outputs against the PyTorch baseline; exit 1 when it fails its thresholds."""
     from aira_opt.artifacts import read_manifest
     from aira_opt.compare import load_questions, report_table, run_check
@@ -211,7 +213,12 @@ def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | 
     precision = manifest.get("precision", "fp32")
     questions = load_questions(prompts_file)
     with decoder:
-        report = run_check(loaded, decoder, precision, questions, max_new_tokens)
+        if baseline == "cuda-fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise AiraOptError("--baseline cuda-fp16 needs a CUDA GPU visible to PyTorch")
+        report = run_check(loaded, decoder, precision, questions, max_new_tokens, baseline=baseline)
     data = report.to_json()
     data["evaluation"] = (f"TensorRT engine {folder}" if engine_dir else
                           f"onnxruntime {provider} provider running the {precision} graph as exported")

@@ -64,6 +64,7 @@ class CheckReport:
     passed: bool
     precision: str
     provider: str
+    baseline: str
     prompts: int
     greedy_exact_match: int
     top1_agreement: float
@@ -80,16 +81,25 @@ class CheckReport:
 
 
 # Runners ---------------------------------------------------------------------------------------------
-class TorchReference:
-    """The PyTorch baseline: transformers' own greedy generate and full-sequence logits."""
+BASELINES = ("cpu-fp32", "cuda-fp16")
 
-    def __init__(self, loaded: LoadedModel):
+
+class TorchReference:
+    """The PyTorch baseline: transformers' own greedy generate and full-sequence logits.
+
+    cpu-fp32 is the reference for every precision; cuda-fp16 is what a GPU user runs (compare fp16 exports
+    against it on a GPU)."""
+
+    def __init__(self, loaded: LoadedModel, baseline: str = "cpu-fp32"):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.device = "cuda" if baseline == "cuda-fp16" else "cpu"
+        if baseline == "cuda-fp16":
+            self.model = self.model.half().to("cuda")
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         import torch
 
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=self.device)
         out = self.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, repetition_penalty=1.0,
                                   max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                                   pad_token_id=self.tokenizer.pad_token_id, temperature=None, top_k=None, top_p=None)
@@ -100,7 +110,7 @@ class TorchReference:
         import torch
 
         with torch.no_grad():
-            return self.model(torch.tensor([ids])).logits[0].float().numpy()
+            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
 
 
 class OnnxCandidate:
@@ -179,9 +189,9 @@ def judge(report: CheckReport, limits: Thresholds) -> list[str]:
 
 
 def run_check(loaded: LoadedModel, decoder: OrtDecoder, precision: str, questions: list[str],
-              max_new_tokens: int, quiet: bool = False) -> CheckReport:
+              max_new_tokens: int, quiet: bool = False, baseline: str = "cpu-fp32") -> CheckReport:
     tok = loaded.tokenizer
-    reference = TorchReference(loaded)
+    reference = TorchReference(loaded, baseline)
     candidate = OnnxCandidate(decoder, tok.eos_token_id, tok.pad_token_id)
     per_prompt: list[PromptResult] = []
     ref_rows, cand_rows = [], []
@@ -212,7 +222,7 @@ def run_check(loaded: LoadedModel, decoder: OrtDecoder, precision: str, question
 
     limits = THRESHOLDS[precision]
     report = CheckReport(
-        passed=False, precision=precision, provider=decoder.provider, prompts=len(questions),
+        passed=False, precision=precision, provider=decoder.provider, baseline=baseline, prompts=len(questions),
         greedy_exact_match=sum(p.greedy_match for p in per_prompt), top1_agreement=overall["top1_agreement"],
         max_abs_logit_diff=overall["max_abs_logit_diff"], min_cosine=overall["min_cosine"],
         perplexity_torch=float(np.exp(nll_t / count)), perplexity_onnx=float(np.exp(nll_o / count)),

@@ -32,6 +32,9 @@ def resolve_provider(name: str) -> list[str]:
     if name not in PROVIDERS:
         raise ProviderUnavailableError(f"unknown provider '{name}'; use one of {', '.join(PROVIDERS)}")
     provider, package = PROVIDERS[name]
+    if name != "cpu" and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN often come as pip packages (nvidia-*); this loads them so the provider finds them.
+        ort.preload_dlls()
     if provider not in ort.get_available_providers():
         raise ProviderUnavailableError(
             f"ONNX Runtime provider {provider} is not available here; install it: pip install '{package}'"
@@ -97,6 +100,12 @@ class OrtDecoder:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(self.threads),
                                                 providers=self.providers)
             self.load_seconds = time.perf_counter() - start
+            wanted = self.providers[0]
+            if wanted not in self.session.get_providers():
+                # ONNX Runtime falls back to the CPU when a provider's libraries fail to load: say so, loudly.
+                raise ProviderUnavailableError(
+                    f"{wanted} did not load (session runs on {self.session.get_providers()}); check that CUDA 13 "
+                    "and cuDNN 9 libraries are installed (pip install 'aira-opt[gpu]' brings the wheels)")
             inputs = {i.name: i for i in self.session.get_inputs()}
             missing = [n for n in self.contract.input_names() if n not in inputs]
             if missing:
@@ -117,8 +126,9 @@ class OrtDecoder:
     def empty_cache(self, batch: int) -> KVCache:
         """Zero-length past tensors: the prefill is the same graph with past length 0."""
         c = self.contract
-        zeros = np.zeros((batch, c.num_kv_heads, 0, c.head_dim), dtype=self.kv_dtype)
-        values = [ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0) for _ in c.past_names()]
+        shape = [batch, c.num_kv_heads, 0, c.head_dim]
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                  for _ in c.past_names()]
         return KVCache(values=values, length=0, batch=batch)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,

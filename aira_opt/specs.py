@@ -239,7 +239,6 @@ def _load_random_preset(spec: str, num_layers: int | None) -> LoadedModel:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
     )
     torch.manual_seed(RANDOM_SEED)
     with torch.device("cpu"):
