@@ -174,12 +174,12 @@ def export_fp16(loaded: LoadedModel, folder: Path) -> dict[str, Any]:
     run_optimum_export(LoadedModel(loaded.name, loaded.source, loaded.kind, half, loaded.tokenizer), folder)
     del half
     path = folder / "model.onnx"
-    model = onnx.load(str(path))
+    # The edits touch nodes only: leave the weights where they are (model.onnx_data for models over 2 GB,
+    # whose graph with weights inline could not even be serialized for shape inference).
+    model = onnx.load(str(path), load_external_data=False)
     wrapped = softmax_in_fp32(model)
     logits_in_fp32(model)
-    for stale in folder.glob("model.onnx*"):
-        stale.unlink()
-    save_model(model, path)
+    onnx.save_model(model, str(path))
     return {
         "method": "exported from the fp16 PyTorch model; softmax and logits lifted to fp32",
         "softmax_wrapped_in_fp32": wrapped,
