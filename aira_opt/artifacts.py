@@ -40,6 +40,12 @@ def library_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    # The module actually imported wins over package metadata: onnxruntime-gpu installs the same module name,
+    # and a path-installed copy can shadow a different installed distribution.
+    import onnxruntime
+
+    gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    versions["onnxruntime"] = onnxruntime.__version__ + (" (gpu build)" if gpu else "")
     return versions
 
 

@@ -67,7 +67,8 @@ class BenchResult:
     peak_gpu_mb: float | None
     weight_mb_per_step: float
     load_s: float
-    pct_of_bound: float | None = None
+    pct_of_bound: float | None = None  # vs the bandwidth of the memory the weights live in (host or GPU)
+    device: str = "cpu"
     repeats: int = 0
     decode_steps: int = 0  # timed decode steps per run: new_tokens - 1 (the first token comes from the prefill)
 
@@ -107,6 +108,28 @@ def probe_bandwidth_gbps(megabytes: int = 512, repeats: int = 3) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def probe_gpu_bandwidth_gbps(megabytes: int = 1024, repeats: int = 5) -> float | None:
+    """Best-of-N device-to-device copy on GPU 0 through PyTorch, bytes read + written (None without CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(megabytes * (1 << 20), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * megabytes * (1 << 20) / best / 1e9
+
+
 def machine_info(threads: int | None, bandwidth_gbps: float) -> dict[str, Any]:
     import psutil
 
@@ -125,6 +148,8 @@ def machine_info(threads: int | None, bandwidth_gbps: float) -> dict[str, Any]:
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
+    gpu_bandwidth = probe_gpu_bandwidth_gbps() if info["gpu"] else None
+    info["gpu_memory_bandwidth_gbps"] = round(gpu_bandwidth, 1) if gpu_bandwidth else None
     return info
 
 
@@ -215,6 +240,7 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
     """Body of a child process: load the backend once, then time every setting."""
     start = time.perf_counter()
     size_bytes = weight_bytes = 0
+    device = "cpu"
     if job.backend == "torch":
         import torch  # noqa: F811
 
@@ -308,7 +334,9 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
             steps_all.extend(steps)
             rates.append(setting.batch_size * len(steps) / sum(steps) if steps else float("nan"))
         rows.append({"setting": asdict(setting), "ttft": ttfts, "steps": steps_all, "rates": rates})
-    return {"rows": rows, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(), "size_bytes": size_bytes,
+    on_gpu = (job.backend == "torch" and device == "cuda") or job.provider != "cpu" or job.backend == "trt"
+    return {"rows": rows, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
+            "device": "cuda" if on_gpu else "cpu", "size_bytes": size_bytes,
             "weight_bytes": weight_bytes}
 
 
@@ -339,7 +367,11 @@ def percentile_ms(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
 
 
-def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float) -> list[BenchResult]:
+def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float,
+              gpu_bandwidth_gbps: float | None = None) -> list[BenchResult]:
+    device = payload.get("device", "cpu")
+    if device == "cuda":
+        bandwidth_gbps = gpu_bandwidth_gbps or float("nan")
     results = []
     for row in payload["rows"]:
         s = Setting(**row["setting"])
@@ -360,8 +392,9 @@ def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float) -> list[
             peak_rss_mb=payload["peak_rss_mb"], size_mb=payload["size_bytes"] / 1e6,
             peak_gpu_mb=payload.get("peak_gpu_mb"),
             weight_mb_per_step=payload["weight_bytes"] / 1e6, load_s=payload["load_s"],
-            pct_of_bound=(100 * (rate / s.batch_size) / bound_steps) if bound_steps else None,
-            repeats=len(ttft), decode_steps=len(steps) // max(len(ttft), 1),
+            pct_of_bound=(100 * (rate / s.batch_size) / bound_steps) if bound_steps and bound_steps == bound_steps
+            else None,
+            repeats=len(ttft), decode_steps=len(steps) // max(len(ttft), 1), device=device,
         ))
     return results
 
@@ -395,7 +428,7 @@ def run_bench(jobs: Sequence[Job], settings: Sequence[Setting], warmup: int, rep
         if status != "ok":
             report.skipped.append({"backend": job.label, "reason": payload})
             continue
-        report.results.extend(summarize(job, payload, bandwidth))
+        report.results.extend(summarize(job, payload, bandwidth, report.machine.get("gpu_memory_bandwidth_gbps")))
     return report
 
 
@@ -424,7 +457,8 @@ def render_text(report: BenchReport) -> str:
 
     m = report.machine
     head = (f"{m['cpu']} | {m['threads']} threads | {m['memory_gb']} GB | memory bandwidth "
-            f"{m['memory_bandwidth_gbps']} GB/s (copy, read+write)" + (f" | GPU {m['gpu']}" if m["gpu"] else ""))
+            f"{m['memory_bandwidth_gbps']} GB/s (copy, read+write)"
+            + (f" | GPU {m['gpu']}, {m.get('gpu_memory_bandwidth_gbps')} GB/s copy" if m["gpu"] else ""))
     lines = [head, text_table(HEADERS, table_rows(report))]
     lines += [f"skipped {s['backend']}: {s['reason']}" for s in report.skipped]
     lines.append("x torch: TTFT is torch's / this (higher is faster); decode is this / torch's. "

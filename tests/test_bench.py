@@ -53,3 +53,16 @@ def test_bench_rejects_unknown_backends_and_bad_lists(tiny_export):
 
 def test_bandwidth_probe_returns_a_positive_figure():
     assert probe_bandwidth_gbps(megabytes=64, repeats=2) > 0
+
+
+def test_gpu_rows_are_judged_against_gpu_bandwidth_not_the_host_probe():
+    from aira_opt.bench import Job, summarize
+
+    payload = {"rows": [{"setting": {"batch_size": 1, "prompt_length": 8, "new_tokens": 3}, "ttft": [0.01],
+                         "steps": [0.01, 0.01], "rates": [100.0]}],
+               "load_s": 1.0, "peak_rss_mb": 1.0, "size_bytes": 2e9, "weight_bytes": 2e9, "device": "cuda"}
+    job = Job("ort", "ort fp16 (cuda)", "fp16", "x", provider="cuda")
+    (gpu,) = summarize(job, payload, bandwidth_gbps=20.0, gpu_bandwidth_gbps=4000.0)
+    assert gpu.device == "cuda" and abs(gpu.pct_of_bound - 100 * 100 / 2000) < 1e-9  # bound: 4000/2 steps/s
+    (host,) = summarize(job, {**payload, "device": "cpu"}, bandwidth_gbps=20.0)
+    assert abs(host.pct_of_bound - 100 * 100 / 10) < 1e-9
