@@ -32,7 +32,10 @@ from aira_opt.progress import Steps
 from aira_opt.prompts import conversation_ids, prompt_ids
 from aira_opt.specs import LoadedModel
 
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights above which we save with external data (2 GB limit)
+# Weights above this go to model.onnx_data. Past protobuf's 2 GB limit it is required; well below it, it pays:
+# ONNX Runtime memory-maps external data, which cut peak RSS of the 1.1B int4 model from 1.71x to 1.13x its
+# size on disk and its load time from 4.2 s to 1.3 s (README, "Fastest on a CPU").
+EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save, with external data (`model.onnx_data`) when the weights would pass protobuf's 2 GB limit."""
+    """Save, with external data (`model.onnx_data`) when the weights are large (see EXTERNAL_DATA_THRESHOLD)."""
     size = sum(len(i.raw_data) for i in model.graph.initializer)
     if size > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
