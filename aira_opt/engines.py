@@ -20,7 +20,7 @@ from aira_opt.artifacts import atomic_folder, refuse_existing, sha256_file
 from aira_opt.contract import DecoderContract
 from aira_opt.engine_plan import BuildPlan, Profile, hardware_compatibility, profile_for
 from aira_opt.errors import TensorRTUnavailableError
-from aira_opt.runtime import KVCache, StepOutput
+from aira_opt.runtime import DecoderLifecycle, KVCache, StepOutput
 
 INSTALL_HINT = "pip install 'aira-opt[trt]'"
 PLAN_FILE, SIDECAR = "model.plan", "model.json"
@@ -136,7 +136,7 @@ def engine_sidecar(plan: BuildPlan, trt_version: str, gpu: str, capability: tupl
 
 
 # Run ------------------------------------------------------------------------------------------------------
-class TrtDecoder:
+class TrtDecoder(DecoderLifecycle):
     """A TensorRT engine with the same step interface as runtime.OrtDecoder, so the generation loop,
     `check` and `bench` run it unchanged. Buffers live in PyTorch CUDA tensors; the KV cache stays on the GPU."""
 
@@ -173,12 +173,6 @@ class TrtDecoder:
 
     def deactivate(self) -> None:
         self.context = self.engine = None
-
-    def __enter__(self) -> TrtDecoder:
-        return self.activate()
-
-    def __exit__(self, *exc: object) -> None:
-        self.deactivate()
 
     def empty_cache(self, batch: int) -> KVCache:
         import torch

@@ -7,7 +7,6 @@ and every decode step, which is what `bench` reports.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -120,8 +119,3 @@ def generate(model: OrtDecoder, prompts: Sequence[Sequence[int]], options: Gener
     return GenerationResult(prompts=expanded, tokens=tokens, finished=finished, prefill_seconds=prefill_seconds,
                             decode_seconds=decode_seconds, padded_prompt_length=input_ids.shape[1])
 
-
-def timed(fn: Callable[[], GenerationResult]) -> tuple[GenerationResult, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start

@@ -75,7 +75,23 @@ class KVCache:
     batch: int = field(default=0)
 
 
-class OrtDecoder:
+class DecoderLifecycle:
+    """activate / deactivate, and the same as a context manager: what every decoder runner shares."""
+
+    def activate(self) -> DecoderLifecycle:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - returns the concrete runner
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+
+class OrtDecoder(DecoderLifecycle):
     """One ONNX Runtime session over an export folder, with KV cache stepping through IOBinding."""
 
     def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
@@ -115,12 +131,6 @@ class OrtDecoder:
 
     def deactivate(self) -> None:
         self.session = None
-
-    def __enter__(self) -> OrtDecoder:
-        return self.activate()
-
-    def __exit__(self, *exc: object) -> None:
-        self.deactivate()
 
     # Steps ------------------------------------------------------------------------------------------
     def empty_cache(self, batch: int) -> KVCache:

@@ -66,3 +66,11 @@ def test_gpu_rows_are_judged_against_gpu_bandwidth_not_the_host_probe():
     assert gpu.device == "cuda" and abs(gpu.pct_of_bound - 100 * 100 / 2000) < 1e-9  # bound: 4000/2 steps/s
     (host,) = summarize(job, {**payload, "device": "cpu"}, bandwidth_gbps=20.0)
     assert abs(host.pct_of_bound - 100 * 100 / 10) < 1e-9
+
+
+def test_recorded_onnxruntime_version_is_the_imported_module():
+    import onnxruntime
+
+    from aira_opt.artifacts import library_versions
+
+    assert library_versions()["onnxruntime"].startswith(onnxruntime.__version__)

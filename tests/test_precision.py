@@ -148,3 +148,30 @@ def test_fp16_left_padded_batch_stays_finite_and_matches_one_by_one(tiny, tiny_v
     assert batched == single
     assert np.isfinite(out.logits).all()
     assert all(np.isfinite(v.numpy()).all() for v in cache.values)  # no NaN parked in the cache at pad slots
+
+
+def test_fp16_export_keeps_external_weights_in_place(tiny, tmp_path, monkeypatch):
+    """Models over 2 GB arrive from optimum with model.onnx_data; the fp16 graph edits must not pull those weights
+    into the proto (which cannot be serialized past 2 GB) nor drop the data file. Found on the GPU run with the
+    1.1B model; here the tiny model is made to arrive with external data the same way."""
+    import aira_opt.exporting as exporting
+    from aira_opt.precision import export_fp16
+
+    real_export = exporting.run_optimum_export
+
+    def export_with_external_data(loaded, folder):
+        real_export(loaded, folder)
+        model = onnx.load(str(folder / "model.onnx"))
+        onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+
+    monkeypatch.setattr(exporting, "run_optimum_export", export_with_external_data)
+    export_fp16(tiny, tmp_path)
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert (tmp_path / "model.onnx_data").is_file()
+    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.graph.initializer if len(i.dims) == 2)
+    assert (tmp_path / "model.onnx").stat().st_size < 200_000  # the graph only, weights stayed outside
+    with OrtDecoder(tmp_path) as decoder:  # and it runs
+        out, _ = decoder.step(np.array([[1, 50, 3]]), np.ones((1, 3), np.int64), np.arange(3)[None],
+                              decoder.empty_cache(1))
+        assert np.isfinite(out.logits).all()
