@@ -50,6 +50,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     for name in ("transformers", "optimum", "torch", "onnxruntime", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # onnxruntime's quantizer logs advice on the root logger ("consider pre-processing"): not for our users.
+    logging.getLogger().addFilter(lambda record: "pre-processing before quantization" not in record.getMessage())
     try:
         from transformers.utils import logging as hf_logging
 
