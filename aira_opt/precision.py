@@ -237,6 +237,10 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: Deco
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
                        "OpTypesToExcludeOutputQuantization": ["MatMul"]},
     )
+    stray = out_path.with_name(out_path.name + ".data")
+    if stray.exists():  # onnxruntime names it model.onnx.data; our folders use model.onnx_data
+        save_model(onnx.load(str(out_path)), out_path)
+        stray.unlink()
     return {
         "method": "static QDQ (onnxruntime.quantization.quantize_static)", "format": "QuantizeLinear/DequantizeLinear",
         "weights": "int8, symmetric, per output channel", "activations": "int8, symmetric, per tensor, MinMax",
