@@ -20,9 +20,15 @@ class BenchPlan:
 
 
 def _precision(folder: Path) -> str:
+    """The manifest's precision, with a non-default weight-only block size (int4 block 128 -> 'int4-b128')."""
     from aira_opt.artifacts import read_manifest
+    from aira_opt.precision import INT4_CPU
 
-    return str(read_manifest(folder).get("precision", "fp32"))
+    manifest = read_manifest(folder)
+    precision = str(manifest.get("precision", "fp32"))
+    quantization = manifest.get("quantization") or {}
+    block = quantization.get("block_size") if isinstance(quantization, dict) else None
+    return f"{precision}-b{block}" if block and block != INT4_CPU.block_size else precision
 
 
 def _trt_missing() -> str:

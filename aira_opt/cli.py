@@ -76,21 +76,26 @@ def _load(model_spec: str, num_layers: int | None):
               help="Output folder [default: export/<model>/<precision>].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--atol", type=float, default=None, help="Max |logit diff| vs PyTorch accepted by the fp32 validation.")
+@click.option("--block-size", type=int, default=None,
+              help="int8/int4 only: weights per quantization block [default: 32; 128 is faster, less exact].")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
-               atol: float | None) -> None:
+               atol: float | None, block_size: int | None) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
     from aira_opt.artifacts import refuse_existing
     from aira_opt.exporting import FP32_ATOL, default_output, export_fp32
 
+    if block_size is not None and precision not in ("int8", "int4"):
+        raise click.UsageError("--block-size applies to --precision int8 or int4 only")
     loaded = _load(model_spec, num_layers)
-    output = output or default_output(loaded.name, precision)
+    suffix = f"-b{block_size}" if block_size is not None else ""
+    output = output or default_output(loaded.name, precision + suffix)
     refuse_existing(output, force)
     if precision == "fp32":
         export_fp32(loaded, output, force=force, atol=atol if atol is not None else FP32_ATOL)
     else:
         from aira_opt.precision import export_variant
 
-        export_variant(loaded, precision, output, force=force)
+        export_variant(loaded, precision, output, force=force, block_size=block_size)
     click.echo(f"wrote {output}")
 
 

@@ -281,14 +281,26 @@ def reusable_fp32(loaded: LoadedModel) -> Path | None:
 
 
 # The variant pipeline ----------------------------------------------------------------------------------
+def weight_only_settings(precision: str, block_size: int | None) -> WeightOnlySettings:
+    """The CPU recipe for int8/int4, with an optional block size (a power of two, 16..256)."""
+    base = INT8_CPU if precision == "int8" else INT4_CPU
+    if block_size is None:
+        return base
+    if block_size < 16 or block_size > 256 or block_size & (block_size - 1):
+        raise AiraOptError(f"--block-size must be a power of two from 16 to 256, got {block_size}")
+    return WeightOnlySettings(base.bits, block_size, base.symmetric, base.accuracy_level)
+
+
 def export_variant(loaded: LoadedModel, precision: str, output: Path, force: bool = False,
-                   quiet: bool = False) -> dict[str, Any]:
+                   quiet: bool = False, block_size: int | None = None) -> dict[str, Any]:
     """Export `loaded` at `precision` into `output` (atomically), validate it, write its manifest."""
     from aira_opt.exporting import (OPSET, VARIANT_TOLERANCE, run_optimum_export, validate_against_torch,
                                     write_support_files)
 
     if precision not in VARIANT_TARGETS:
         raise AiraOptError(f"unknown precision '{precision}'")
+    if block_size is not None and precision not in ("int8", "int4"):
+        raise AiraOptError("--block-size applies to the weight-only CPU variants (int8, int4) only")
     refuse_existing(output, force)
     steps = Steps(4, quiet=quiet)
     with atomic_folder(output, force) as tmp:
@@ -306,7 +318,7 @@ def export_variant(loaded: LoadedModel, precision: str, output: Path, force: boo
                         quantization = quantize_qdq(src, tmp / "model.onnx", loaded.tokenizer, contract)
                     else:
                         quantization = quantize_weight_only(src, tmp / "model.onnx",
-                                                            INT8_CPU if precision == "int8" else INT4_CPU)
+                                                            weight_only_settings(precision, block_size))
         with steps.step("writing tokenizer, config, generation defaults, metadata and genai_config.json"):
             write_support_files(loaded, tmp)
             make_portable(loaded, tmp, precision)

@@ -175,3 +175,16 @@ def test_fp16_export_keeps_external_weights_in_place(tiny, tmp_path, monkeypatch
         out, _ = decoder.step(np.array([[1, 50, 3]]), np.ones((1, 3), np.int64), np.arange(3)[None],
                               decoder.empty_cache(1))
         assert np.isfinite(out.logits).all()
+
+
+def test_block_size_option_sets_matmulnbits_blocks_and_rejects_bad_values(tmp_path):
+    out = tmp_path / "int8-b128"
+    result = CliRunner().invoke(main, ["export", "--precision", "int8", "--block-size", "128", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all({a.name: a.i for a in n.attribute}["block_size"] == 128 for n in nodes)
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["block_size"] == 128
+    bad = CliRunner().invoke(main, ["export", "--precision", "int4", "--block-size", "100", "--output", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "power of two" in bad.output
+    wrong = CliRunner().invoke(main, ["export", "--precision", "fp16", "--block-size", "64", "--output", str(tmp_path / "y")])
+    assert wrong.exit_code == 2 and "int8 or int4 only" in wrong.output
