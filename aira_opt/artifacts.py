@@ -99,10 +99,10 @@ def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
+def read_manifest(folder: Path, name: str = MANIFEST) -> dict[str, Any]:
+    path = Path(folder) / name
     if not path.is_file():
-        raise ExportFolderError(f"'{folder}' has no {MANIFEST}; is it an aira-opt export folder?")
+        raise ExportFolderError(f"'{folder}' has no {name}; is it an aira-opt export (or engine) folder?")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:

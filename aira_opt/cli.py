@@ -210,7 +210,7 @@ def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | 
     from aira_opt.runtime import open_decoder
 
     folder, decoder = open_decoder(onnx_dir, engine_dir, provider, threads)
-    manifest = read_manifest(folder) if onnx_dir else json.loads((folder / "source_manifest.json").read_text())
+    manifest = read_manifest(folder, "manifest.json" if onnx_dir else "source_manifest.json")
     source = manifest.get("source_model", {})
     spec = model_spec or source.get("source")
     if not spec:

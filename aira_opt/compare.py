@@ -190,6 +190,10 @@ def judge(report: CheckReport, limits: Thresholds) -> list[str]:
 
 def run_check(loaded: LoadedModel, decoder: OrtDecoder, precision: str, questions: list[str],
               max_new_tokens: int, quiet: bool = False, baseline: str = "cpu-fp32") -> CheckReport:
+    if precision not in THRESHOLDS:
+        from aira_opt.errors import AiraOptError
+
+        raise AiraOptError(f"no parity thresholds for precision '{precision}'; known: {', '.join(THRESHOLDS)}")
     tok = loaded.tokenizer
     reference = TorchReference(loaded, baseline)
     candidate = OnnxCandidate(decoder, tok.eos_token_id, tok.pad_token_id)

@@ -202,7 +202,7 @@ def _load_pretrained(where: str | Path, source: str, name: str, kind: str,
         model = AutoModelForCausalLM.from_pretrained(
             str(where), dtype=torch.float32, trust_remote_code=False, local_files_only=local_files_only
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (
             "check the id and your network, or download the model elsewhere and pass its local folder"
@@ -245,7 +245,7 @@ def _load_random_preset(spec: str, num_layers: int | None) -> LoadedModel:
         model = LlamaForCausalLM(config)
     model.eval()
     name = spec if num_layers is None else f"{spec}-{layers}l"
-    return LoadedModel(
-        name=name, source=spec, kind="random", model=model, tokenizer=tokenizer,
-        extra={"seed": RANDOM_SEED},
-    )
+    extra: dict[str, Any] = {"seed": RANDOM_SEED}
+    if num_layers is not None:
+        extra["num_layers_override"] = layers  # `check` rebuilds the same baseline from this
+    return LoadedModel(name=name, source=spec, kind="random", model=model, tokenizer=tokenizer, extra=extra)

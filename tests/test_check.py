@@ -69,3 +69,29 @@ def test_logit_agreement_counts_top1_and_cosine():
 
 def test_fp32_threshold_demands_identical_sequences():
     assert THRESHOLDS["fp32"].min_greedy_fraction == 1.0 and THRESHOLDS["fp32"].max_abs_logit_diff == 1e-3
+
+
+def test_check_rebuilds_a_shallow_random_preset_from_the_manifest(tmp_path):
+    """An export of `aira-2-1b1-random --num-layers 1` is checked against the same 1-layer seeded model."""
+    out = tmp_path / "r1"
+    result = CliRunner().invoke(main, ["export", "--model", "aira-2-1b1-random", "--num-layers", "1", "--output",
+                                       str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source_model"]["num_layers_override"] == 1 and manifest["source_model"]["num_hidden_layers"] == 1
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is the capital of Brazil?\n")
+    report = tmp_path / "c.json"
+    result = CliRunner().invoke(main, ["check", "--onnx", str(out), "--prompts", str(prompts), "--max-new-tokens", "4",
+                                       "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["max_abs_logit_diff"] < 1e-3
+
+
+def test_unknown_precision_in_a_manifest_is_a_one_line_error(tiny_export, tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(tiny_export, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "precision": "int3"}))
+    result = CliRunner().invoke(main, ["check", "--onnx", str(folder), "--max-new-tokens", "2"])
+    assert result.exit_code == 1 and "no parity thresholds for precision 'int3'" in result.output

@@ -12,7 +12,7 @@ from aira_opt.corpus import training_pairs
 from aira_opt.errors import PromptTooLongError, ProviderUnavailableError
 from aira_opt.generation import GenerateOptions, generate, left_pad
 from aira_opt.prompts import DEFAULT_CHECK_PROMPTS, decode_answer, prompt_ids, text_ids
-from aira_opt.runtime import OrtDecoder, resolve_provider
+from aira_opt.runtime import resolve_provider
 from aira_opt.sampling import SamplingSettings
 
 from conftest import hf_greedy
