@@ -348,14 +348,26 @@ def _child(queue: Any, *args: Any) -> None:
 
 
 def run_in_child(*args: Any, timeout: float = 3600) -> tuple[str, Any]:
+    """Run one job in a fresh process; a child that dies without reporting is an error at once, not a hang."""
+    import queue as queue_module
+
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, *args))
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(results, *args))
     proc.start()
-    try:
-        status, payload = queue.get(timeout=timeout)
-    except Exception:  # queue.Empty on timeout or a child that died without reporting
-        status, payload = "error", f"child exited with code {proc.exitcode} without a result"
+    deadline = time.monotonic() + timeout
+    status, payload = "error", f"no result within {timeout:.0f}s"
+    while time.monotonic() < deadline:
+        try:
+            status, payload = results.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # it may have reported just before exiting
+                    status, payload = results.get(timeout=1.0)
+                except queue_module.Empty:
+                    status, payload = "error", f"child exited with code {proc.exitcode} without a result"
+                break
     proc.join(timeout=30)
     if proc.is_alive():
         proc.kill()

@@ -74,3 +74,19 @@ def test_recorded_onnxruntime_version_is_the_imported_module():
     from aira_opt.artifacts import library_versions
 
     assert library_versions()["onnxruntime"].startswith(onnxruntime.__version__)
+
+
+def _die_at_once(queue, *args):
+    raise SystemExit(3)  # exits without putting a result, as a crashed or killed child would
+
+
+def test_a_child_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch):
+    import time
+
+    import aira_opt.bench as bench
+
+    monkeypatch.setattr(bench, "_child", _die_at_once)
+    start = time.monotonic()
+    status, payload = bench.run_in_child(timeout=600)
+    assert status == "error" and "exited with code 3" in payload
+    assert time.monotonic() - start < 60
