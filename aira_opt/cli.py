@@ -306,9 +306,23 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest check as JSON.")
 def inspect_cmd(folder: Path, as_json: bool) -> None:
-    """Print an export's contract and manifest, and verify every file's sha256."""
+    """Print an export's contract and manifest (or an engine's sidecar), and verify every file's sha256."""
     from aira_opt.artifacts import read_manifest, verify_manifest
+    from aira_opt.engines import SIDECAR, verify_engine_folder
 
+    if (folder / SIDECAR).is_file():
+        sidecar = json.loads((folder / SIDECAR).read_text())
+        problems = verify_engine_folder(folder)
+        keys = ("tensorrt_version", "gpu", "compute_capability", "target", "hardware_compatibility_level", "precision")
+        summary = {"folder": str(folder), **{k: sidecar.get(k) for k in keys},
+                   "profiles": [p["name"] for p in sidecar.get("profiles", [])], "hashes_ok": not problems,
+                   "problems": problems}
+        click.echo(json.dumps(summary, indent=2) if as_json else
+                   "\n".join(f"{k}: {v}" for k, v in summary.items() if k not in ("hashes_ok", "problems"))
+                   + ("\nplan sha256: matches model.json" if not problems else "\nproblems: " + "; ".join(problems)))
+        if problems:
+            raise SystemExit(1)
+        return
     manifest = read_manifest(folder)
     problems = verify_manifest(folder)
     summary: dict[str, Any] = {

@@ -214,6 +214,17 @@ class TrtDecoder(DecoderLifecycle):
                                                                  cache.batch)
 
 
+def verify_engine_folder(folder: Path) -> list[str]:
+    """Every mismatch between an engine folder and its sidecar (the plan's sha256, missing files)."""
+    folder = Path(folder)
+    problems = [f"{name}: missing" for name in (PLAN_FILE, SIDECAR, "config.json") if not (folder / name).is_file()]
+    if not problems:
+        sidecar = json.loads((folder / SIDECAR).read_text())
+        if sha256_file(folder / PLAN_FILE) != sidecar.get("sha256", {}).get("plan"):
+            problems.append(f"{PLAN_FILE}: sha256 differs from {SIDECAR}")
+    return problems
+
+
 def _shape_range(v: dict[str, list[int]]) -> Any:
     from aira_opt.engine_plan import ShapeRange
 

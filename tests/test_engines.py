@@ -232,3 +232,23 @@ def test_engine_matches_pytorch_on_gpu(tiny_variants, precision, tmp_path):
     result = CliRunner().invoke(main, ["check", "--engine", str(engine), "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["passed"]
+
+
+def test_engine_sidecar_describes_the_build_and_inspect_verifies_the_plan(tiny_variants, tmp_path):
+    from aira_opt.engines import PLAN_FILE, SIDECAR, engine_sidecar
+
+    plan = make_plan(tiny_variants["fp16"], BuildOptions(max_seq=64, max_context=512))
+    folder = tmp_path / "engine"
+    folder.mkdir()
+    (folder / PLAN_FILE).write_bytes(b"not a real plan, but bytes to hash")
+    shutil.copy2(tiny_variants["fp16"] / "config.json", folder / "config.json")
+    sidecar = engine_sidecar(plan, "11.4.0", "NVIDIA H200", (9, 0), "AMPERE_PLUS", folder / PLAN_FILE, 12.3)
+    (folder / SIDECAR).write_text(json.dumps(sidecar))
+    assert sidecar["hardware_compatibility_level"] == "AMPERE_PLUS" and sidecar["compute_capability"] == "9.0"
+    assert [p["name"] for p in sidecar["profiles"]] == ["prefill", "decode"]
+    assert set(sidecar["sha256"]) == {"plan", "onnx"} and "input_ids" in sidecar["inputs"]
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 0 and "plan sha256: matches" in result.output
+    (folder / PLAN_FILE).write_bytes(b"tampered")
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 1 and "sha256 differs" in result.output
