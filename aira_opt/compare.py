@@ -19,7 +19,7 @@ from aira_opt.corpus import heldout_pairs
 from aira_opt.generation import GenerateOptions, generate
 from aira_opt.progress import bar
 from aira_opt.prompts import conversation_ids, decode_answer, prompt_ids
-from aira_opt.runtime import OrtDecoder, position_ids_from_mask
+from aira_opt.runtime import Decoder, position_ids_from_mask
 from aira_opt.sampling import SamplingSettings
 from aira_opt.specs import LoadedModel
 
@@ -116,7 +116,7 @@ class TorchReference:
 class OnnxCandidate:
     """Our loop over the export: greedy generation and teacher-forced stepwise logits."""
 
-    def __init__(self, decoder: OrtDecoder, eos_id: int, pad_id: int):
+    def __init__(self, decoder: Decoder, eos_id: int, pad_id: int):
         self.decoder, self.eos_id, self.pad_id = decoder, eos_id, pad_id
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -188,7 +188,7 @@ def judge(report: CheckReport, limits: Thresholds) -> list[str]:
     return failures
 
 
-def run_check(loaded: LoadedModel, decoder: OrtDecoder, precision: str, questions: list[str],
+def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: list[str],
               max_new_tokens: int, quiet: bool = False, baseline: str = "cpu-fp32") -> CheckReport:
     if precision not in THRESHOLDS:
         from aira_opt.errors import AiraOptError

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aira_opt.errors import PromptTooLongError
-from aira_opt.runtime import KVCache, OrtDecoder, position_ids_from_mask
+from aira_opt.runtime import Decoder, KVCache, position_ids_from_mask
 from aira_opt.sampling import SamplingSettings, select_next
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
@@ -59,14 +59,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return input_ids, mask
 
 
-def prefill(model: OrtDecoder, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, KVCache, float]:
+def prefill(model: Decoder, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, KVCache, float]:
     """Run the whole prompt with an empty cache. input_ids, mask: [B, S] -> logits of the last position [B, V]."""
     cache = model.empty_cache(input_ids.shape[0])
     out, cache = model.step(input_ids, mask, position_ids_from_mask(mask, input_ids.shape[1]), cache)
     return out.logits, cache, out.seconds
 
 
-def decode_one(model: OrtDecoder, tokens: np.ndarray, mask: np.ndarray, cache: KVCache
+def decode_one(model: Decoder, tokens: np.ndarray, mask: np.ndarray, cache: KVCache
                ) -> tuple[np.ndarray, KVCache, float]:
     """Feed one token per row. tokens: [B]; mask: [B, past + 1] -> logits [B, V] and the grown cache."""
     out, cache = model.step(tokens[:, None], mask, position_ids_from_mask(mask, 1), cache)
@@ -82,7 +82,7 @@ def check_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, context
         )
 
 
-def generate(model: OrtDecoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, eos_id: int,
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, eos_id: int,
              pad_id: int, on_token: TokenCallback | None = None) -> GenerationResult:
     """Generate for a batch of tokenized prompts (each already bos + question + sep)."""
     if not prompts:

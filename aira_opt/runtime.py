@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -73,6 +73,18 @@ class KVCache:
     values: list[ort.OrtValue]  # 2 * num_layers, each [B, kv_heads, past, head_dim]
     length: int  # past length
     batch: int = field(default=0)
+
+
+class Decoder(Protocol):
+    """What the generation loop, `check` and `bench` need from a runner (OrtDecoder, engines.TrtDecoder)."""
+
+    config: dict[str, Any]
+    provider: str
+
+    def empty_cache(self, batch: int) -> KVCache: ...
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
+             all_logits: bool = False) -> tuple[StepOutput, KVCache]: ...
 
 
 class DecoderLifecycle:
