@@ -309,6 +309,7 @@ def inspect_cmd(folder: Path, as_json: bool) -> None:
     """Print an export's contract and manifest (or an engine's sidecar), and verify every file's sha256."""
     from aira_opt.artifacts import read_manifest, verify_manifest
     from aira_opt.engines import SIDECAR, verify_engine_folder
+    from aira_opt.portable import read_metadata
 
     if (folder / SIDECAR).is_file():
         sidecar = json.loads((folder / SIDECAR).read_text())
@@ -330,7 +331,7 @@ def inspect_cmd(folder: Path, as_json: bool) -> None:
         "source_model": manifest.get("source_model", {}).get("source"), "opset": manifest.get("opset"),
         "files": len(manifest.get("files", {})), "hashes_ok": not problems, "problems": problems,
         "contract": manifest.get("contract"), "kept_fp32": manifest.get("kept_fp32"),
-        "quantization": manifest.get("quantization"), "metadata": onnx_metadata(folder),
+        "quantization": manifest.get("quantization"), "metadata": read_metadata(folder),
         "genai_config": (folder / "genai_config.json").is_file(),
     }
     if as_json:
@@ -348,15 +349,6 @@ def inspect_cmd(folder: Path, as_json: bool) -> None:
         click.echo("hashes: all match" if not problems else "hashes: " + "; ".join(problems))
     if problems:
         raise SystemExit(1)
-
-
-def onnx_metadata(folder: Path) -> dict[str, str]:
-    import onnx
-
-    path = folder / "model.onnx"
-    if not path.is_file():
-        return {}
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def run() -> None:

@@ -39,14 +39,11 @@ API_SURFACE: dict[str, tuple[str, ...]] = {
     "IOptimizationProfile": ("set_shape",),
     "ITimingCache": ("serialize",),
     "MemoryPoolType": ("WORKSPACE",),
-    "HardwareCompatibilityLevel": ("NONE", "AMPERE_PLUS"),
+    "HardwareCompatibilityLevel": ("NONE", "AMPERE_PLUS"),  # by name, via hardware_compatibility()
     "Runtime": ("deserialize_cuda_engine",),
-    "ICudaEngine": ("create_execution_context", "num_io_tensors", "get_tensor_name", "get_tensor_mode",
-                    "get_tensor_dtype", "num_optimization_profiles"),
+    "ICudaEngine": ("create_execution_context",),
     "IExecutionContext": ("set_optimization_profile_async", "set_input_shape", "get_tensor_shape",
                           "set_tensor_address", "execute_async_v3"),
-    "TensorIOMode": ("INPUT", "OUTPUT"),
-    "DataType": ("FLOAT", "HALF", "INT64", "INT32", "INT8", "BOOL"),
 }
 
 

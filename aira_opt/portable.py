@@ -33,6 +33,14 @@ def metadata(loaded: LoadedModel, precision: str) -> dict[str, str]:
     }
 
 
+def read_metadata(folder: Path) -> dict[str, str]:
+    """metadata_props of a folder's model.onnx (empty when there is none)."""
+    path = Path(folder) / "model.onnx"
+    if not path.is_file():
+        return {}
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def write_metadata(model_path: Path, props: dict[str, str]) -> None:
     """Set metadata_props on model.onnx in place; external weight data is left untouched."""
     model = onnx.load(str(model_path), load_external_data=False)
