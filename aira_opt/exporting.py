@@ -153,6 +153,8 @@ def validate_against_torch(loaded: LoadedModel, folder: Path, tolerance: Toleran
     vocab = min(loaded.config.vocab_size, len(loaded.tokenizer))
     import onnx
 
+    from aira_opt.compare import logit_agreement
+
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     mismatches: list[str] = DecoderContract.from_config(loaded.config).check_graph(graph)
     worst, worst_cos = 0.0, 1.0
@@ -177,10 +179,8 @@ def validate_against_torch(loaded: LoadedModel, folder: Path, tolerance: Toleran
                 ref_logits = ref.logits.float().numpy()
                 # Padded positions' logits are meaningless in both; compare real tokens only.
                 real = full_mask[:, -step_ids.shape[1]:].astype(bool)
-                got, want = out["logits"].astype(np.float64)[real], ref_logits.astype(np.float64)[real]
-                diff = float(np.abs(got - want).max())
-                cosine = float(((got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1)
-                                                         + 1e-30)).min())
+                stats = logit_agreement(ref_logits[real], out["logits"][real])  # real positions: [N, V]
+                diff, cosine = stats["max_abs_logit_diff"], stats["min_cosine"]
                 worst, worst_cos = max(worst, diff), min(worst_cos, cosine)
                 label = f"batch {case.batch} len {case.prompt_len} {'prefill' if step == 0 else f'decode {step}'}"
                 details.append({"case": label, "max_abs_logit_diff": diff, "min_cosine": cosine})
