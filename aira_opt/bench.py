@@ -240,9 +240,9 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
     """Body of a child process: load the backend once, then time every setting."""
     start = time.perf_counter()
     size_bytes = weight_bytes = 0
-    device = "cpu"
+    device = "cpu" if job.provider == "cpu" else "cuda"  # where the weights live; torch and trt decide below
     if job.backend == "torch":
-        import torch  # noqa: F811
+        import torch
 
         from aira_opt.specs import load_model
 
@@ -263,16 +263,12 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
     elif job.backend == "optimum":
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        from aira_opt.runtime import session_options
+        from aira_opt.runtime import PROVIDERS, session_options
 
         size_bytes, weight_bytes = onnx_weight_bytes(Path(job.target))
-        from aira_opt.runtime import PROVIDERS
-
-        model = ORTModelForCausalLM.from_pretrained(job.target, use_cache=True, use_io_binding=job.provider != "cpu",
+        model = ORTModelForCausalLM.from_pretrained(job.target, use_cache=True, use_io_binding=device == "cuda",
                                                     provider=PROVIDERS[job.provider][0],
                                                     session_options=session_options(threads))
-
-        device = "cpu" if job.provider == "cpu" else "cuda"
 
         def run(ids: np.ndarray, n: int) -> tuple[float, list[float]]:
             return _hf_generate_timings(model, ids, n, pad, device)
@@ -289,6 +285,7 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
 
             size_bytes = weight_bytes = (Path(job.target) / PLAN_FILE).stat().st_size
             decoder = TrtDecoder(Path(job.target)).activate()
+            device = "cuda"
 
         def run(ids: np.ndarray, n: int) -> tuple[float, list[float]]:
             opts = GenerateOptions(max_new_tokens=n, ignore_eos=True,
@@ -334,9 +331,8 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
             steps_all.extend(steps)
             rates.append(setting.batch_size * len(steps) / sum(steps) if steps else float("nan"))
         rows.append({"setting": asdict(setting), "ttft": ttfts, "steps": steps_all, "rates": rates})
-    on_gpu = (job.backend == "torch" and device == "cuda") or job.provider != "cpu" or job.backend == "trt"
     return {"rows": rows, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-            "device": "cuda" if on_gpu else "cpu", "size_bytes": size_bytes,
+            "device": device, "size_bytes": size_bytes,
             "weight_bytes": weight_bytes}
 
 
