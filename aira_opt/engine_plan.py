@@ -12,7 +12,7 @@ import onnx
 
 from aira_opt.contract import BATCH, PAST, SEQ, TOTAL, DecoderContract
 from aira_opt.errors import AiraOptError
-from aira_opt.precision import fp32_islands, qdq_problems, tensor_types
+from aira_opt.precision import fp32_islands, qdq_problems
 
 TARGETS = ("a100", "native")
 BUILDABLE = ("fp16", "int8-qdq", "fp32")
@@ -197,11 +197,11 @@ def fp16_consistency(model: onnx.ModelProto, declared_fp32: dict[str, int]) -> l
     for op, count in actual.items():
         if count > declared_fp32.get(op, 0):
             problems.append(f"{count - declared_fp32.get(op, 0)} undeclared fp32 {op} op(s) in the fp16 graph")
-    types = tensor_types(model)
+    weight_dtypes = {i.name: i.data_type for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in {i.name for i in model.graph.initializer}:
-            if types.get(node.input[1]) != onnx.TensorProto.FLOAT16:
-                problems.append(f"{node.name}: weight {node.input[1]} is not fp16")
+        dtype = weight_dtypes.get(node.input[1]) if node.op_type == "MatMul" else None
+        if dtype is not None and dtype != onnx.TensorProto.FLOAT16:
+            problems.append(f"{node.name}: weight {node.input[1]} is not fp16")
     return problems
 
 

@@ -254,3 +254,19 @@ def test_engine_sidecar_describes_the_build_and_inspect_verifies_the_plan(tiny_v
     (folder / PLAN_FILE).write_bytes(b"tampered")
     result = CliRunner().invoke(main, ["inspect", str(folder)])
     assert result.exit_code == 1 and "sha256 differs" in result.output
+
+
+def test_preflight_catches_an_fp32_weight_in_an_fp16_graph(tiny, tiny_variants):
+    import numpy as np
+    from onnx import numpy_helper
+
+    from aira_opt.engine_plan import fp16_consistency
+    from aira_opt.precision import fp32_islands
+
+    fp16 = onnx.load(str(tiny_variants["fp16"] / "model.onnx"))
+    declared = fp32_islands(fp16)
+    assert fp16_consistency(fp16, declared) == []
+    matmul = next(n for n in fp16.graph.node if n.op_type == "MatMul" and "q_proj" in n.name)
+    weight = next(i for i in fp16.graph.initializer if i.name == matmul.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).astype(np.float32), weight.name))
+    assert any(f"weight {weight.name} is not fp16" in p for p in fp16_consistency(fp16, declared))
