@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from aira_opt.artifacts import atomic_folder, refuse_existing, write_manifest
+from aira_opt.artifacts import atomic_folder, write_manifest
 from aira_opt.contract import DecoderContract
 from aira_opt.errors import ValidationError
 from aira_opt.portable import make_portable
@@ -78,7 +78,6 @@ def default_output(model_name: str, precision: str) -> Path:
 def export_fp32(loaded: LoadedModel, output: Path, force: bool = False, atol: float = FP32_ATOL,
                 quiet: bool = False) -> dict[str, Any]:
     """Export `loaded` to `output` (fp32), validate it against PyTorch, write the manifest; returns it."""
-    refuse_existing(output, force)
     steps = Steps(4, quiet=quiet)
     with atomic_folder(output, force) as tmp:
         with steps.step(f"exporting {loaded.name} with optimum (task text-generation-with-past, opset {OPSET})"):

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from aira_opt.artifacts import atomic_folder, refuse_existing, write_manifest
+from aira_opt.artifacts import atomic_folder, write_manifest
 from aira_opt.contract import DecoderContract
 from aira_opt.corpus import calibration_questions, training_pairs
 from aira_opt.errors import AiraOptError
@@ -301,7 +301,6 @@ def export_variant(loaded: LoadedModel, precision: str, output: Path, force: boo
         raise AiraOptError(f"unknown precision '{precision}'")
     if block_size is not None and precision not in ("int8", "int4"):
         raise AiraOptError("--block-size applies to the weight-only CPU variants (int8, int4) only")
-    refuse_existing(output, force)
     steps = Steps(4, quiet=quiet)
     with atomic_folder(output, force) as tmp:
         with steps.step(f"exporting {loaded.name} as {precision}"):
