@@ -63,14 +63,13 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
               genai_dirs: list[Path], backends: list[str], provider: str = "cpu") -> BenchPlan:
     from transformers import AutoTokenizer
 
-    from aira_opt.specs import bundled_model_dir, load_model, spec_name, PRESETS
+    from aira_opt.specs import PRESETS, bundled_model_dir, load_model, model_name
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise AiraOptError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     if not onnx_dirs and ({"ort", "optimum"} & set(backends)):
-        name = spec_name(model_spec) if num_layers is None else f"{model_spec}-{num_layers}l"
-        default = Path("export") / name / "fp32"
+        default = Path("export") / model_name(model_spec, num_layers) / "fp32"
         if not (default / "model.onnx").is_file():
             raise AiraOptError(f"no --onnx given and {default} does not exist; run "
                                f"`aira-opt export --model {model_spec}` first or pass --onnx")

@@ -133,6 +133,11 @@ def spec_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base) or "model"
 
 
+def model_name(spec: str, num_layers: int | None = None) -> str:
+    """The name exports of `spec` are filed under (export/<name>/...): a depth override is part of it."""
+    return spec_name(spec) if num_layers is None else f"{spec_name(spec)}-{num_layers}l"
+
+
 def known_specs() -> list[str]:
     return [BUNDLED, *PRESETS]
 
@@ -244,7 +249,7 @@ def _load_random_preset(spec: str, num_layers: int | None) -> LoadedModel:
     with torch.device("cpu"):
         model = LlamaForCausalLM(config)
     model.eval()
-    name = spec if num_layers is None else f"{spec}-{layers}l"
+    name = model_name(spec, num_layers)
     extra: dict[str, Any] = {"seed": RANDOM_SEED}
     if num_layers is not None:
         extra["num_layers_override"] = layers  # `check` rebuilds the same baseline from this

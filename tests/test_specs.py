@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -90,3 +92,17 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert "cannot be reached" in result.output and "--model" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_bench_finds_the_default_export_of_a_shallow_preset_by_the_same_name(tmp_path, monkeypatch):
+    """One naming rule for a depth-overridden preset: where export files it is where bench looks for it."""
+    from aira_opt.bench_plan import plan_jobs
+
+    loaded = load_model("aira-2-1b1-random", num_layers=2)
+    folder = tmp_path / "export" / loaded.name / "fp32"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"")
+    (folder / "manifest.json").write_text('{"precision": "fp32"}')
+    monkeypatch.chdir(tmp_path)
+    plan = plan_jobs("aira-2-1b1-random", 2, [], [], [], ["ort"])
+    assert [job.target for job in plan.jobs] == [str(Path("export") / "aira-2-1b1-random-2l" / "fp32")]
