@@ -78,24 +78,30 @@ def _load(model_spec: str, num_layers: int | None):
 @click.option("--atol", type=float, default=None, help="Max |logit diff| vs PyTorch accepted by the fp32 validation.")
 @click.option("--block-size", type=int, default=None,
               help="int8/int4 only: weights per quantization block [default: 32; 128 is faster, less exact].")
+@click.option("--fuse/--no-fuse", default=None,
+              help="Fuse attention into ONNX Runtime's CPU ops (GroupQueryAttention + RotaryEmbedding) "
+                   "[default: on for int8/int4, off for fp32; fp16/int8-qdq stay standard-op for TensorRT].")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
-               atol: float | None, block_size: int | None) -> None:
+               atol: float | None, block_size: int | None, fuse: bool | None) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
     from aira_opt.artifacts import refuse_existing
     from aira_opt.exporting import FP32_ATOL, default_output, export_fp32
+    from aira_opt.precision import check_fusable, variant_name
 
     if block_size is not None and precision not in ("int8", "int4"):
         raise click.UsageError("--block-size applies to --precision int8 or int4 only")
+    if fuse and precision not in ("fp32", "int8", "int4"):
+        raise click.UsageError(f"--fuse makes CPU-only contrib ops; {precision} feeds TensorRT and stays standard-op")
+    fused = check_fusable(precision, fuse)
     loaded = _load(model_spec, num_layers)
-    suffix = f"-b{block_size}" if block_size is not None else ""
-    output = output or default_output(loaded.name, precision + suffix)
+    output = output or default_output(loaded.name, variant_name(precision, block_size, fused))
     refuse_existing(output, force)
     if precision == "fp32":
-        export_fp32(loaded, output, force=force, atol=atol if atol is not None else FP32_ATOL)
+        export_fp32(loaded, output, force=force, atol=atol if atol is not None else FP32_ATOL, fused=fused)
     else:
         from aira_opt.precision import export_variant
 
-        export_variant(loaded, precision, output, force=force, block_size=block_size)
+        export_variant(loaded, precision, output, force=force, block_size=block_size, fused=fused)
     click.echo(f"wrote {output}")
 
 

@@ -214,6 +214,9 @@ def make_plan(folder: Path, options: BuildOptions, two_profiles: bool = True) ->
     if precision not in BUILDABLE:
         raise AiraOptError(f"the {precision} export cannot be built into a TensorRT engine "
                            f"(it uses CPU-only ops); export with --precision fp16 or int8-qdq")
+    if (manifest.get("graph") or {}).get("fused"):
+        raise AiraOptError("this export was made with --fuse (CPU-only GroupQueryAttention); "
+                           "export it again without --fuse for TensorRT")
     config = json.loads((Path(folder) / "config.json").read_text())
     contract = DecoderContract.from_config_dict(config)
     problems = options.problems(int(config.get("max_position_embeddings", 2048)))

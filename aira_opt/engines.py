@@ -171,7 +171,8 @@ class TrtDecoder(DecoderLifecycle):
     def deactivate(self) -> None:
         self.context = self.engine = None
 
-    def empty_cache(self, batch: int) -> KVCache:
+    def empty_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """Zero-length past; the engine's graph concatenates, so `capacity` is not used."""
         import torch
 
         c = self.contract

@@ -76,12 +76,19 @@ def default_output(model_name: str, precision: str) -> Path:
 
 
 def export_fp32(loaded: LoadedModel, output: Path, force: bool = False, atol: float = FP32_ATOL,
-                quiet: bool = False) -> dict[str, Any]:
-    """Export `loaded` to `output` (fp32), validate it against PyTorch, write the manifest; returns it."""
+                quiet: bool = False, fused: bool = False) -> dict[str, Any]:
+    """Export `loaded` to `output` (fp32), validate it against PyTorch, write the manifest; returns it.
+    fused=True rewrites attention to ONNX Runtime's CPU contrib ops (fusing.py): faster, no longer standard-op."""
+    from aira_opt.precision import graph_record
+
     steps = Steps(4, quiet=quiet)
+    fusion = None
     with atomic_folder(output, force) as tmp:
-        with steps.step(f"exporting {loaded.name} with optimum (task text-generation-with-past, opset {OPSET})"):
+        with steps.step(f"exporting {loaded.name} with optimum (task text-generation-with-past, opset {OPSET})"
+                        + (", attention fused" if fused else "")):
             run_optimum_export(loaded, tmp)
+            if fused:
+                fusion = fuse_in_place(tmp / "model.onnx", loaded.config)
         with steps.step("writing tokenizer, config, generation defaults, metadata and genai_config.json"):
             write_support_files(loaded, tmp)
             make_portable(loaded, tmp, "fp32")
@@ -100,9 +107,22 @@ def export_fp32(loaded: LoadedModel, output: Path, force: bool = False, atol: fl
                 "contract": DecoderContract.from_config(loaded.config).describe(),
                 "kept_fp32": [],
                 "quantization": None,
+                "graph": graph_record(fusion),
                 "validation": report,
             })
     return manifest
+
+
+def fuse_in_place(path: Path, config: Any) -> dict[str, Any]:
+    """Fuse the graph at `path`, leaving its weights where they are (inline or in model.onnx_data)."""
+    import onnx
+
+    from aira_opt.fusing import fuse_attention
+
+    model = onnx.load(str(path), load_external_data=False)
+    fusion = fuse_attention(model, config)
+    onnx.save_model(model, str(path))
+    return fusion
 
 
 def run_optimum_export(loaded: LoadedModel, folder: Path) -> None:

@@ -59,9 +59,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return input_ids, mask
 
 
-def prefill(model: Decoder, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, KVCache, float]:
-    """Run the whole prompt with an empty cache. input_ids, mask: [B, S] -> logits of the last position [B, V]."""
-    cache = model.empty_cache(input_ids.shape[0])
+def prefill(model: Decoder, input_ids: np.ndarray, mask: np.ndarray, capacity: int | None = None
+            ) -> tuple[np.ndarray, KVCache, float]:
+    """Run the whole prompt with an empty cache. input_ids, mask: [B, S] -> logits of the last position [B, V].
+    capacity: the final length, so a runner that can preallocates its cache once."""
+    cache = model.empty_cache(input_ids.shape[0], capacity)
     out, cache = model.step(input_ids, mask, position_ids_from_mask(mask, input_ids.shape[1]), cache)
     return out.logits, cache, out.seconds
 
@@ -98,7 +100,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: Generate
     unfinished = np.ones(len(expanded), dtype=bool)  # [B]
     tokens: list[list[int]] = [[] for _ in expanded]
 
-    logits, cache, prefill_seconds = prefill(model, input_ids, mask)
+    capacity = input_ids.shape[1] + options.max_new_tokens  # every position this call can fill
+    logits, cache, prefill_seconds = prefill(model, input_ids, mask, capacity)
     decode_seconds: list[float] = []
     for step in range(options.max_new_tokens):
         chosen = select_next(logits, history, options.sampling, rng)  # [B]

@@ -5,7 +5,8 @@ TensorRT 11 is strongly typed, so precision lives in the graph itself:
   rotary angles); we add fp32 softmax and fp32 logits. Standard ops only (TensorRT, ONNX Runtime CUDA).
 - int8-qdq: explicit, symmetric QuantizeLinear/DequantizeLinear on the inputs of the weight MatMuls only,
   per-channel weight scales, activation scales calibrated on Aira-format prompts. Standard ops (TensorRT).
-- int8 / int4: ONNX Runtime's CPU forms (MatMulNBits, a contrib op), weight-only, block-wise.
+- int8 / int4: ONNX Runtime's CPU forms (MatMulNBits, a contrib op), weight-only, block-wise, with
+  attention fused to GroupQueryAttention (see fusing.py) unless --no-fuse.
 """
 
 from __future__ import annotations
@@ -55,6 +56,28 @@ class WeightOnlySettings:
 INT8_CPU = WeightOnlySettings(bits=8, block_size=32, symmetric=True, accuracy_level=4)
 # int4 for CPUs: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound.
 INT4_CPU = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4)
+
+# Graphs that may carry CPU-only fused attention (fusing.py). fp16 and int8-qdq feed TensorRT: standard ops.
+FUSABLE = ("fp32", "int8", "int4")
+
+
+def default_fused(precision: str) -> bool:
+    """int8/int4 already need ONNX Runtime's contrib ops, so fusing costs them no portability; fp32 is the
+    portable standard-op export, fused only on request."""
+    return precision in ("int8", "int4")
+
+
+def variant_name(precision: str, block_size: int | None = None, fused: bool | None = None) -> str:
+    """The folder/row name of a variant: its precision plus whatever differs from that precision's default
+    (int4 block 128 -> 'int4-b128', fused fp32 -> 'fp32-fused', unfused int4 -> 'int4-unfused')."""
+    name = precision
+    default_block = {"int8": INT8_CPU.block_size, "int4": INT4_CPU.block_size}.get(precision)
+    if block_size is not None and block_size != default_block:
+        name += f"-b{block_size}"
+    if fused is not None and fused != default_fused(precision):
+        name += "-fused" if fused else "-unfused"
+    return name
+
 
 VARIANT_TARGETS = {
     "fp16": "TensorRT 11 (strongly typed) and ONNX Runtime CUDA; standard ops",
@@ -251,10 +274,17 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: Deco
 
 
 # int8 / int4 (CPU) -------------------------------------------------------------------------------------
-def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings) -> dict[str, Any]:
+def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings,
+                         fuse_config: Any | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """MatMulNBits over every weight MatMul; with a config, attention is fused first (the rewrite needs the
+    k/v projections as MatMuls or MatMulNBits, and the quantizer leaves the fused nodes alone).
+    Returns the quantization record and the fusion record (None when not fused)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
+    from aira_opt.fusing import fuse_attention
+
     model = onnx.load(str(fp32_path))
+    fusion = fuse_attention(model, fuse_config) if fuse_config is not None else None
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
                                                 accuracy_level=settings.accuracy_level, bits=settings.bits)
     quantizer = nbits.MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
@@ -262,7 +292,7 @@ def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySe
                                            algo_config=config)
     quantizer.process()
     save_model(quantizer.model.model, out_path)
-    return {**settings.describe(), "quantized_nodes": len(weight_matmuls(model))}
+    return {**settings.describe(), "quantized_nodes": len(weight_matmuls(model))}, fusion
 
 
 def reusable_fp32(loaded: LoadedModel) -> Path | None:
@@ -274,10 +304,19 @@ def reusable_fp32(loaded: LoadedModel) -> Path | None:
     folder = default_output(loaded.name, "fp32")
     if not (folder / "manifest.json").is_file():
         return None
-    source = read_manifest(folder).get("source_model", {})
-    if source != json.loads(json.dumps(loaded.describe())) or verify_manifest(folder):
+    manifest = read_manifest(folder)
+    if manifest.get("source_model", {}) != json.loads(json.dumps(loaded.describe())) or verify_manifest(folder):
         return None
+    if (manifest.get("graph") or {}).get("fused"):
+        return None  # a fused fp32 graph cannot be fused again or fed to the TensorRT-facing variants
     return folder / "model.onnx"
+
+
+def graph_record(fusion: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's `graph` entry: standard ops, or what the CPU fusion did."""
+    if fusion is None:
+        return {"fused": False}
+    return {"fused": True, "runtime": "ONNX Runtime (CPU, CUDA): com.microsoft contrib ops", **fusion}
 
 
 # The variant pipeline ----------------------------------------------------------------------------------
@@ -291,8 +330,15 @@ def weight_only_settings(precision: str, block_size: int | None) -> WeightOnlySe
     return WeightOnlySettings(base.bits, block_size, base.symmetric, base.accuracy_level)
 
 
+def check_fusable(precision: str, fused: bool | None) -> bool:
+    """Whether the variant is fused (None means the precision's default); a fused TensorRT variant is an error."""
+    if fused and precision not in FUSABLE:
+        raise AiraOptError(f"--fuse makes CPU-only contrib ops; {precision} feeds TensorRT and stays standard-op")
+    return default_fused(precision) if fused is None else fused
+
+
 def export_variant(loaded: LoadedModel, precision: str, output: Path, force: bool = False,
-                   quiet: bool = False, block_size: int | None = None) -> dict[str, Any]:
+                   quiet: bool = False, block_size: int | None = None, fused: bool | None = None) -> dict[str, Any]:
     """Export `loaded` at `precision` into `output` (atomically), validate it, write its manifest."""
     from aira_opt.exporting import (OPSET, VARIANT_TOLERANCE, run_optimum_export, validate_against_torch,
                                     write_support_files)
@@ -301,6 +347,8 @@ def export_variant(loaded: LoadedModel, precision: str, output: Path, force: boo
         raise AiraOptError(f"unknown precision '{precision}'")
     if block_size is not None and precision not in ("int8", "int4"):
         raise AiraOptError("--block-size applies to the weight-only CPU variants (int8, int4) only")
+    fused = check_fusable(precision, fused)
+    fusion = None
     steps = Steps(4, quiet=quiet)
     with atomic_folder(output, force) as tmp:
         with steps.step(f"exporting {loaded.name} as {precision}"):
@@ -316,8 +364,9 @@ def export_variant(loaded: LoadedModel, precision: str, output: Path, force: boo
                     if precision == "int8-qdq":
                         quantization = quantize_qdq(src, tmp / "model.onnx", loaded.tokenizer, contract)
                     else:
-                        quantization = quantize_weight_only(src, tmp / "model.onnx",
-                                                            weight_only_settings(precision, block_size))
+                        quantization, fusion = quantize_weight_only(
+                            src, tmp / "model.onnx", weight_only_settings(precision, block_size),
+                            loaded.config if fused else None)
         with steps.step("writing tokenizer, config, generation defaults, metadata and genai_config.json"):
             write_support_files(loaded, tmp)
             make_portable(loaded, tmp, precision)
@@ -347,6 +396,7 @@ def export_variant(loaded: LoadedModel, precision: str, output: Path, force: boo
                 "contract": DecoderContract.from_config(loaded.config).describe(),
                 "kept_fp32": fp32_islands(model) if precision == "fp16" else "all non-MatMul compute",
                 "quantization": quantization,
+                "graph": graph_record(fusion),
                 "validation": report,
             })
     return manifest

@@ -3,6 +3,10 @@
 The KV cache lives in ONNX Runtime's own buffers (OrtValue + IOBinding): each step's `present.*` outputs are
 bound as the next step's `past_key_values.*` inputs without a numpy round trip, so under the CUDA provider
 the cache never leaves the GPU. Only the logits of the last position come back to the host, for sampling.
+
+On a fused graph (GroupQueryAttention, see fusing.py) and when the caller knows the final length, the cache
+is preallocated once at that capacity and bound as both past and present: the op writes each step's keys in
+place instead of the standard graph's Concat copying the whole cache every step.
 """
 
 from __future__ import annotations
@@ -70,9 +74,10 @@ class StepOutput:
 class KVCache:
     """The past keys and values of every layer, as OrtValues in the session's device memory."""
 
-    values: list[ort.OrtValue]  # 2 * num_layers, each [B, kv_heads, past, head_dim]
+    values: list[ort.OrtValue]  # 2 * num_layers, each [B, kv_heads, past, head_dim] ([.., capacity, ..] in place)
     length: int  # past length
     batch: int = field(default=0)
+    capacity: int | None = None  # set when the buffers are preallocated and written in place
 
 
 class Decoder(Protocol):
@@ -81,7 +86,7 @@ class Decoder(Protocol):
     config: dict[str, Any]
     provider: str
 
-    def empty_cache(self, batch: int) -> KVCache: ...
+    def empty_cache(self, batch: int, capacity: int | None = None) -> KVCache: ...
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
              all_logits: bool = False) -> tuple[StepOutput, KVCache]: ...
@@ -120,6 +125,8 @@ class OrtDecoder(DecoderLifecycle):
         self.session: ort.InferenceSession | None = None
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.load_seconds = 0.0
+        # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only.
+        self.in_place_cache = fused_graph(self.folder)
 
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:
@@ -145,9 +152,20 @@ class OrtDecoder(DecoderLifecycle):
         self.session = None
 
     # Steps ------------------------------------------------------------------------------------------
-    def empty_cache(self, batch: int) -> KVCache:
-        """Zero-length past tensors: the prefill is the same graph with past length 0."""
+    def empty_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """Zero-length past tensors: the prefill is the same graph with past length 0. With a capacity (the
+        prompt plus every token to come) a fused graph gets zeroed buffers of that length, written in place."""
         c = self.contract
+        if capacity is not None and self.in_place_cache:
+            shape = [batch, c.num_kv_heads, capacity, c.head_dim]  # [B, kv_heads, capacity, head_dim]
+            zeros = np.zeros(shape, dtype=self.kv_dtype)
+            values = []
+            for _ in c.past_names():
+                # One buffer per tensor, owned by ONNX Runtime (ortvalue_from_numpy would alias the numpy array).
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                value.update_inplace(zeros)
+                values.append(value)
+            return KVCache(values=values, length=0, batch=batch, capacity=capacity)
         shape = [batch, c.num_kv_heads, 0, c.head_dim]
         values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
                   for _ in c.past_names()]
@@ -167,14 +185,22 @@ class OrtDecoder(DecoderLifecycle):
         for name, value in zip(self.contract.past_names(), cache.values):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")  # sampling happens on the host
-        for name in self.contract.present_names():
-            binding.bind_output(name, self.device, 0)
+        in_place = cache.capacity is not None
+        if in_place and cache.length + input_ids.shape[1] > cache.capacity:
+            raise ValueError(f"KV cache capacity {cache.capacity} exceeded")
+        for name, value in zip(self.contract.present_names(), cache.values):
+            if in_place:
+                binding.bind_ortvalue_output(name, value)  # the same buffer as the past: written in place
+            else:
+                binding.bind_output(name, self.device, 0)
         start = time.perf_counter()
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()  # [B, S, V]
         seconds = time.perf_counter() - start
-        new_cache = KVCache(values=list(outputs[1:]), length=cache.length + input_ids.shape[1], batch=cache.batch)
+        values = cache.values if in_place else list(outputs[1:])
+        new_cache = KVCache(values=values, length=cache.length + input_ids.shape[1], batch=cache.batch,
+                            capacity=cache.capacity)
         logits = logits if all_logits else logits[:, -1, :]
         return StepOutput(logits=logits.astype(np.float32, copy=False), seconds=seconds), new_cache
 
@@ -183,6 +209,15 @@ class OrtDecoder(DecoderLifecycle):
         assert self.session is not None, "call activate() first"
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feeds)))
+
+
+def fused_graph(folder: Path) -> bool:
+    """Whether the export's manifest says its attention is fused (aira_opt.fusing)."""
+    manifest_path = Path(folder) / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    graph = json.loads(manifest_path.read_text()).get("graph")
+    return isinstance(graph, dict) and bool(graph.get("fused"))
 
 
 def open_decoder(onnx_dir: Path | None, engine_dir: Path | None, provider: str = "cpu",

@@ -27,6 +27,16 @@ def tiny_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fused(tiny, tmp_path_factory) -> Path:
+    """aira-tiny fp32 with attention fused to ONNX Runtime's CPU ops (export --fuse)."""
+    from aira_opt.exporting import export_fp32
+
+    out = tmp_path_factory.mktemp("fused") / "aira-tiny" / "fp32-fused"
+    export_fp32(tiny, out, quiet=True, fused=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_decoder(tiny_export):
     from aira_opt.runtime import OrtDecoder
 

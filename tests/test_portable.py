@@ -60,12 +60,14 @@ def test_inspect_prints_contract_metadata_and_verifies_hashes(tiny_export):
     assert "genai_config.json: present" in result.output and "input_ids" in result.output
 
 
-def test_onnxruntime_genai_loads_our_folder_and_matches_our_loop_and_pytorch(tiny, tiny_export, tiny_decoder):
+@pytest.mark.parametrize("graph", ["standard", "fused"])
+def test_onnxruntime_genai_loads_our_folder_and_matches_our_loop_and_pytorch(tiny, tiny_export, tiny_fused,
+                                                                             tiny_decoder, graph):
     if importlib.util.find_spec("onnxruntime_genai") is None:
         pytest.skip("onnxruntime-genai is not installed (pip install 'aira-opt[genai]')")
     import onnxruntime_genai as og
 
-    model = og.Model(str(tiny_export))
+    model = og.Model(str(tiny_export if graph == "standard" else tiny_fused))
     for question in QUESTIONS:
         ids = prompt_ids(tiny.tokenizer, question)
         params = og.GeneratorParams(model)

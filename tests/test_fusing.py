@@ -1,0 +1,150 @@
+"""The CPU attention fusion (GroupQueryAttention + RotaryEmbedding) computes what the exported graph computes."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from aira_opt.cli import main
+from aira_opt.contract import DecoderContract
+from aira_opt.fusing import FusionError, fuse_attention
+from aira_opt.generation import GenerateOptions, generate
+from aira_opt.precision import variant_name
+from aira_opt.prompts import prompt_ids
+from aira_opt.runtime import OrtDecoder, position_ids_from_mask
+from aira_opt.sampling import SamplingSettings
+
+from conftest import hf_greedy
+
+GREEDY = GenerateOptions(max_new_tokens=32, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
+QUESTIONS = ["What is the capital of Brazil?", "What do bees make?", "Hello!", "Who wrote Dom Casmurro?",
+             "What is 2 + 2?"]
+
+
+def op_counts(folder: Path) -> collections.Counter:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def test_fused_graph_has_one_attention_op_per_layer_and_keeps_the_contract(tiny, tiny_export, tiny_fused):
+    ops, layers = op_counts(tiny_fused), tiny.config.num_hidden_layers
+    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
+    assert ops["Softmax"] == 0 and sum(ops.values()) < sum(op_counts(tiny_export).values()) / 3
+    contract = DecoderContract.from_config(tiny.config)
+    model = onnx.load(str(tiny_fused / "model.onnx"))
+    assert contract.check_graph(model) == []
+    graph = json.loads((tiny_fused / "manifest.json").read_text())["graph"]
+    assert graph["fused"] is True and graph["layers"] == layers
+
+
+def test_fused_graph_equals_the_exported_graph_on_a_left_padded_batch_with_decode_steps(tiny, tiny_export, tiny_fused):
+    contract = DecoderContract.from_config(tiny.config)
+    plain = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(tiny_fused / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, tiny.config.vocab_size, (2, 9))                      # input_ids: [B, S]
+    mask = np.ones((2, 9), np.int64)
+    mask[1, :4] = 0                                                             # row 1 is left-padded
+    past = {n: np.zeros((2, contract.num_kv_heads, 0, contract.head_dim), np.float32) for n in contract.past_names()}
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask, 9), **past}
+    for _ in range(4):  # prefill, then three decode steps
+        want, got = plain.run(None, feeds), fused.run(None, feeds)
+        for name, a, b in zip(contract.output_names(), want, got):
+            assert a.shape == b.shape, name
+            assert np.abs(a - b).max() < 1e-4, name
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        feeds = {"input_ids": want[0][:, -1].argmax(-1)[:, None], "attention_mask": mask,
+                 "position_ids": position_ids_from_mask(mask, 1),
+                 **dict(zip(contract.past_names(), want[1:]))}
+
+
+def test_our_loop_on_the_fused_graph_matches_transformers_and_batches_like_one_by_one(tiny, tiny_fused):
+    tok = tiny.tokenizer
+    prompts = [prompt_ids(tok, q) for q in QUESTIONS]
+    with OrtDecoder(tiny_fused) as decoder:
+        one_by_one = [generate(decoder, [p], GREEDY, tok.eos_token_id, tok.pad_token_id).tokens[0] for p in prompts]
+        assert one_by_one == [hf_greedy(tiny, p, GREEDY.max_new_tokens) for p in prompts]
+        batched = generate(decoder, prompts, GREEDY, tok.eos_token_id, tok.pad_token_id).tokens
+        assert batched == one_by_one
+
+
+def test_fusing_a_fused_graph_is_a_typed_error(tiny, tiny_fused):
+    model = onnx.load(str(tiny_fused / "model.onnx"))
+    with pytest.raises(FusionError, match="already fused"):
+        fuse_attention(model, tiny.config)
+
+
+def test_cpu_variants_are_fused_by_default_and_tensorrt_variants_never(tiny_variants):
+    for precision in ("int8", "int4"):
+        assert op_counts(tiny_variants[precision])["GroupQueryAttention"] > 0, precision
+    for precision in ("fp16", "int8-qdq"):
+        ops = op_counts(tiny_variants[precision])
+        assert ops["GroupQueryAttention"] == 0 and ops["RotaryEmbedding"] == 0, precision
+
+
+def test_no_fuse_keeps_int4_standard_attention_and_fuse_is_refused_for_tensorrt_variants(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "int4-unfused"
+    result = runner.invoke(main, ["export", "--model", "aira-tiny", "--precision", "int4", "--no-fuse",
+                                  "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert op_counts(out)["GroupQueryAttention"] == 0 and op_counts(out)["MatMulNBits"] > 0
+    assert json.loads((out / "manifest.json").read_text())["graph"] == {"fused": False}
+    refused = runner.invoke(main, ["export", "--model", "aira-tiny", "--precision", "fp16", "--fuse",
+                                   "--output", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "stays standard-op" in refused.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_fused_graph_cannot_go_to_tensorrt(tiny, tiny_fused):
+    from aira_opt.engine_plan import BuildOptions, derive_profiles, make_plan, preflight
+    from aira_opt.errors import AiraOptError
+
+    with pytest.raises(AiraOptError, match="without --fuse"):
+        make_plan(tiny_fused, BuildOptions(max_context=512))
+    contract = DecoderContract.from_config(tiny.config)
+    profiles = derive_profiles(contract, BuildOptions(max_seq=64, max_context=512))
+    model = onnx.load(str(tiny_fused / "model.onnx"))
+    assert any("com.microsoft.GroupQueryAttention" in p for p in preflight(model, contract, profiles, "fp32", {}))
+
+
+def test_variant_names_say_what_differs_from_the_precision_default():
+    assert variant_name("int4") == "int4" and variant_name("int4", 32, True) == "int4"
+    assert variant_name("int4", 128, True) == "int4-b128"
+    assert variant_name("int4", None, False) == "int4-unfused"
+    assert variant_name("fp32", None, True) == "fp32-fused" and variant_name("fp32", None, False) == "fp32"
+    assert variant_name("int8-dynamic", None, False) == "int8-dynamic"
+
+
+def test_fused_graph_writes_a_preallocated_cache_in_place_and_matches_the_growing_cache(tiny, tiny_fused):
+    ids = np.array([prompt_ids(tiny.tokenizer, "What do bees make?")])           # input_ids: [1, S]
+    mask = np.ones_like(ids)
+    with OrtDecoder(tiny_fused) as decoder:
+        growing = decoder.empty_cache(1)
+        fixed = decoder.empty_cache(1, capacity=ids.shape[1] + 2)  # prefill + 2 decode steps
+        assert fixed.capacity == ids.shape[1] + 2 and fixed.values[0].shape()[2] == fixed.capacity
+        pointers = [v.data_ptr() for v in fixed.values]
+        assert len(set(pointers)) == len(pointers)  # one buffer per layer and kind
+        x = ids
+        for _ in range(3):
+            positions = position_ids_from_mask(mask, x.shape[1])
+            a, growing = decoder.step(x, mask, positions, growing)
+            b, fixed = decoder.step(x, mask, positions, fixed)
+            assert np.abs(a.logits - b.logits).max() < 1e-4
+            assert [v.data_ptr() for v in fixed.values] == pointers  # written in place, never reallocated
+            x = a.logits.argmax(-1)[:, None]
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        with pytest.raises(ValueError, match="capacity"):
+            decoder.step(x, mask, position_ids_from_mask(mask, 1), fixed)
+
+
+def test_a_standard_graph_ignores_the_capacity_and_grows_its_cache(tiny_decoder):
+    cache = tiny_decoder.empty_cache(1, capacity=64)
+    assert cache.capacity is None and cache.values[0].shape()[2] == 0
