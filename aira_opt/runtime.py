@@ -125,8 +125,9 @@ class OrtDecoder(DecoderLifecycle):
         self.session: ort.InferenceSession | None = None
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.load_seconds = 0.0
-        # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only.
-        self.in_place_cache = fused_graph(self.folder)
+        # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only,
+        # and on the CPU provider they are made for (CUDA's GroupQueryAttention is fp16-only).
+        self.in_place_cache = provider == "cpu" and fused_graph(self.folder)
 
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:

@@ -9,6 +9,7 @@ dir=export/$model
 for precision in fp32 int8 int4; do
   [ -f "$dir/$precision/manifest.json" ] || aira-opt export --model $model --precision $precision
 done
+[ -f "$dir/fp32-fused/manifest.json" ] || aira-opt export --model $model --precision fp32 --fuse
 [ -f "$dir/optimum-int8/manifest.json" ] || python benchmarks/optimum_int8.py "$dir/fp32" "$dir/optimum-int8"
 [ -f "$dir/ckpt/config.json" ] || python benchmarks/save_checkpoint.py $model "$dir/ckpt"
 for precision in fp32 int4; do
@@ -17,6 +18,6 @@ done
 stem=benchmarks/results/$(date +%Y-%m-%d)-cpu${1:+-$1}
 aira-opt bench --model $model --threads "$(nproc)" --prompt-lengths 64 --new-tokens 64 --batch-sizes 1 \
   --warmup 1 --repeats 3 --backends torch,ort,optimum,genai \
-  --onnx "$dir/fp32" --onnx "$dir/int8" --onnx "$dir/int4" --onnx "$dir/optimum-int8" \
+  --onnx "$dir/fp32" --onnx "$dir/fp32-fused" --onnx "$dir/int8" --onnx "$dir/int4" --onnx "$dir/optimum-int8" \
   --genai "$dir/genai-fp32" --genai "$dir/genai-int4" \
   --json "$stem.json" --markdown "$stem.md" --plot "$stem.png"
