@@ -14,7 +14,10 @@ from pathlib import Path
 from aira_opt.artifacts import folder_size_bytes
 from aira_opt.tables import markdown_table
 
-PRECISIONS = ["fp32", "fp16", "int8-qdq", "int8", "int4"]
+# variant folder name -> export options (int8/int4 are fused by default; fp32-fused is fp32 with --fuse)
+VARIANTS = {"fp32": ["--precision", "fp32"], "fp32-fused": ["--precision", "fp32", "--fuse"],
+            "fp16": ["--precision", "fp16"], "int8-qdq": ["--precision", "int8-qdq"],
+            "int8": ["--precision", "int8"], "int4": ["--precision", "int4"]}
 
 
 def main() -> None:
@@ -24,10 +27,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for precision in PRECISIONS:
+    for precision, options in VARIANTS.items():
         folder = Path("export") / args.model / precision
         if not (folder / "manifest.json").is_file():
-            subprocess.run(["aira-opt", "export", "--model", args.model, "--precision", precision], check=True)
+            subprocess.run(["aira-opt", "export", "--model", args.model, *options], check=True)
         report = args.out / f"check-{precision}.json"
         subprocess.run(["aira-opt", "check", "--onnx", str(folder), "--json", str(report)], check=False,
                        stdout=subprocess.DEVNULL)
