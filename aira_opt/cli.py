@@ -337,13 +337,14 @@ def inspect_cmd(folder: Path, as_json: bool) -> None:
         "source_model": manifest.get("source_model", {}).get("source"), "opset": manifest.get("opset"),
         "files": len(manifest.get("files", {})), "hashes_ok": not problems, "problems": problems,
         "contract": manifest.get("contract"), "kept_fp32": manifest.get("kept_fp32"),
-        "quantization": manifest.get("quantization"), "metadata": read_metadata(folder),
+        "quantization": manifest.get("quantization"), "graph": manifest.get("graph", {"fused": False}),
+        "metadata": read_metadata(folder),
         "genai_config": (folder / "genai_config.json").is_file(),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        for key in ("folder", "precision", "source_model", "opset", "files", "kept_fp32", "quantization"):
+        for key in ("folder", "precision", "source_model", "opset", "files", "kept_fp32", "quantization", "graph"):
             click.echo(f"{key}: {summary[key]}")
         contract = manifest.get("contract") or {}
         for name, shape in {**contract.get("inputs", {}), **contract.get("outputs", {})}.items():

@@ -17,6 +17,14 @@ from aira_opt.specs import AIRA_TOKENS, CARD_GENERATION_DEFAULTS, LoadedModel
 PROMPT_TEMPLATE = AIRA_TOKENS.bos + "{question}" + AIRA_TOKENS.sep
 
 
+def graph_kind(model_path: Path) -> str:
+    """What a runtime needs to know about the graph's ops: standard ONNX, or our CPU fusion's contrib ops."""
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    if ("com.microsoft", "GroupQueryAttention") in ops:
+        return "fused attention: com.microsoft GroupQueryAttention + RotaryEmbedding (ONNX Runtime CPU)"
+    return "standard attention"
+
+
 def metadata(loaded: LoadedModel, precision: str) -> dict[str, str]:
     """metadata_props entries (ONNX wants strings; structured values are JSON)."""
     ids = control_ids(loaded.tokenizer)
@@ -109,5 +117,6 @@ def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
 
 def make_portable(loaded: LoadedModel, folder: Path, precision: str) -> None:
     """Metadata into model.onnx and genai_config.json next to it (called before the manifest is written)."""
-    write_metadata(Path(folder) / "model.onnx", metadata(loaded, precision))
+    path = Path(folder) / "model.onnx"
+    write_metadata(path, {**metadata(loaded, precision), "aira_opt.graph": graph_kind(path)})
     (Path(folder) / "genai_config.json").write_text(json.dumps(genai_config(loaded, precision), indent=2) + "\n")

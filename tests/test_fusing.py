@@ -44,6 +44,14 @@ def test_fused_graph_has_one_attention_op_per_layer_and_keeps_the_contract(tiny,
     assert graph["fused"] is True and graph["layers"] == layers
 
 
+def test_inspect_and_onnx_metadata_say_the_graph_is_fused(tiny_export, tiny_fused):
+    fused = json.loads(CliRunner().invoke(main, ["inspect", str(tiny_fused), "--json"]).output)
+    assert fused["graph"]["fused"] is True and fused["hashes_ok"]
+    assert "GroupQueryAttention" in fused["metadata"]["aira_opt.graph"]
+    standard = json.loads(CliRunner().invoke(main, ["inspect", str(tiny_export), "--json"]).output)
+    assert standard["graph"] == {"fused": False} and standard["metadata"]["aira_opt.graph"] == "standard attention"
+
+
 def test_fused_graph_equals_the_exported_graph_on_a_left_padded_batch_with_decode_steps(tiny, tiny_export, tiny_fused):
     contract = DecoderContract.from_config(tiny.config)
     plain = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
