@@ -90,9 +90,10 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
 
     if block_size is not None and precision not in ("int8", "int4"):
         raise click.UsageError("--block-size applies to --precision int8 or int4 only")
-    if fuse and precision not in ("fp32", "int8", "int4"):
-        raise click.UsageError(f"--fuse makes CPU-only contrib ops; {precision} feeds TensorRT and stays standard-op")
-    fused = check_fusable(precision, fuse)
+    try:
+        fused = check_fusable(precision, fuse)
+    except AiraOptError as exc:
+        raise click.UsageError(exc.message) from None
     loaded = _load(model_spec, num_layers)
     output = output or default_output(loaded.name, variant_name(precision, block_size, fused))
     refuse_existing(output, force)

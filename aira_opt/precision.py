@@ -333,7 +333,8 @@ def weight_only_settings(precision: str, block_size: int | None) -> WeightOnlySe
 def check_fusable(precision: str, fused: bool | None) -> bool:
     """Whether the variant is fused (None means the precision's default); a fused TensorRT variant is an error."""
     if fused and precision not in FUSABLE:
-        raise AiraOptError(f"--fuse makes CPU-only contrib ops; {precision} feeds TensorRT and stays standard-op")
+        raise AiraOptError(f"--fuse makes ONNX Runtime-only contrib ops; {precision} feeds TensorRT "
+                           "and stays standard-op")
     return default_fused(precision) if fused is None else fused
 
 
