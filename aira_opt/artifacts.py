@@ -109,6 +109,13 @@ def read_manifest(folder: Path, name: str = MANIFEST) -> dict[str, Any]:
         raise ExportFolderError(f"'{path}' is not valid JSON: {exc}") from exc
 
 
+def graph_is_fused(manifest: dict[str, Any]) -> bool:
+    """Whether an export's attention was fused to ONNX Runtime contrib ops (aira_opt.fusing). Manifests made
+    before fusion existed have no `graph` entry: standard ops."""
+    graph = manifest.get("graph")
+    return isinstance(graph, dict) and bool(graph.get("fused"))
+
+
 def verify_manifest(folder: Path) -> list[str]:
     """Every mismatch between the manifest's hashes and the files on disk (empty when all match)."""
     manifest = read_manifest(folder)

@@ -21,15 +21,14 @@ class BenchPlan:
 
 def _precision(folder: Path) -> str:
     """The manifest's variant name: precision plus what differs from its defaults ('int4-b128', 'fp32-fused')."""
-    from aira_opt.artifacts import read_manifest
+    from aira_opt.artifacts import graph_is_fused, read_manifest
     from aira_opt.precision import variant_name
 
     manifest = read_manifest(folder)
     precision = str(manifest.get("precision", "fp32"))
     quantization = manifest.get("quantization") or {}
     block = quantization.get("block_size") if isinstance(quantization, dict) else None
-    graph = manifest.get("graph")  # absent in exports made before fusion existed: standard ops
-    return variant_name(precision, block, bool(graph.get("fused")) if isinstance(graph, dict) else False)
+    return variant_name(precision, block, graph_is_fused(manifest))
 
 
 def _trt_missing() -> str:

@@ -207,14 +207,14 @@ def fp16_consistency(model: onnx.ModelProto, declared_fp32: dict[str, int]) -> l
 
 def make_plan(folder: Path, options: BuildOptions, two_profiles: bool = True) -> BuildPlan:
     """Read an export folder and decide the build: profiles, expected I/O, and the pre-flight result."""
-    from aira_opt.artifacts import read_manifest
+    from aira_opt.artifacts import graph_is_fused, read_manifest
 
     manifest = read_manifest(folder)
     precision = manifest.get("precision", "fp32")
     if precision not in BUILDABLE:
         raise AiraOptError(f"the {precision} export cannot be built into a TensorRT engine "
                            f"(it uses CPU-only ops); export with --precision fp16 or int8-qdq")
-    if (manifest.get("graph") or {}).get("fused"):
+    if graph_is_fused(manifest):
         raise AiraOptError("this export was made with --fuse (CPU-only GroupQueryAttention); "
                            "export it again without --fuse for TensorRT")
     config = json.loads((Path(folder) / "config.json").read_text())

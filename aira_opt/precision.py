@@ -57,7 +57,7 @@ INT8_CPU = WeightOnlySettings(bits=8, block_size=32, symmetric=True, accuracy_le
 # int4 for CPUs: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound.
 INT4_CPU = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4)
 
-# Graphs that may carry CPU-only fused attention (fusing.py). fp16 and int8-qdq feed TensorRT: standard ops.
+# Graphs that may carry fused attention (fusing.py; ONNX Runtime contrib ops). fp16 and int8-qdq feed TensorRT: standard ops.
 FUSABLE = ("fp32", "int8", "int4")
 
 
@@ -298,7 +298,7 @@ def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySe
 def reusable_fp32(loaded: LoadedModel) -> Path | None:
     """The model.onnx of an existing fp32 export of the same model, when its manifest matches the model and
     its files still hash to the manifest; None means export afresh."""
-    from aira_opt.artifacts import read_manifest, verify_manifest
+    from aira_opt.artifacts import graph_is_fused, read_manifest, verify_manifest
     from aira_opt.exporting import default_output
 
     folder = default_output(loaded.name, "fp32")
@@ -307,7 +307,7 @@ def reusable_fp32(loaded: LoadedModel) -> Path | None:
     manifest = read_manifest(folder)
     if manifest.get("source_model", {}) != json.loads(json.dumps(loaded.describe())) or verify_manifest(folder):
         return None
-    if (manifest.get("graph") or {}).get("fused"):
+    if graph_is_fused(manifest):
         return None  # a fused fp32 graph cannot be fused again or fed to the TensorRT-facing variants
     return folder / "model.onnx"
 
@@ -316,7 +316,7 @@ def graph_record(fusion: dict[str, Any] | None) -> dict[str, Any]:
     """The manifest's `graph` entry: standard ops, or what the CPU fusion did."""
     if fusion is None:
         return {"fused": False}
-    return {"fused": True, "runtime": "ONNX Runtime (CPU, CUDA): com.microsoft contrib ops", **fusion}
+    return {"fused": True, "runtime": "ONNX Runtime CPU provider (com.microsoft contrib ops)", **fusion}
 
 
 # The variant pipeline ----------------------------------------------------------------------------------

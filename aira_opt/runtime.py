@@ -213,12 +213,10 @@ class OrtDecoder(DecoderLifecycle):
 
 
 def fused_graph(folder: Path) -> bool:
-    """Whether the export's manifest says its attention is fused (aira_opt.fusing)."""
-    manifest_path = Path(folder) / "manifest.json"
-    if not manifest_path.is_file():
-        return False
-    graph = json.loads(manifest_path.read_text()).get("graph")
-    return isinstance(graph, dict) and bool(graph.get("fused"))
+    """Whether the export's manifest says its attention is fused (a folder without a manifest: no)."""
+    from aira_opt.artifacts import MANIFEST, graph_is_fused, read_manifest
+
+    return (Path(folder) / MANIFEST).is_file() and graph_is_fused(read_manifest(folder))
 
 
 def open_decoder(onnx_dir: Path | None, engine_dir: Path | None, provider: str = "cpu",
