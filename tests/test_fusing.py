@@ -156,3 +156,37 @@ def test_fused_graph_writes_a_preallocated_cache_in_place_and_matches_the_growin
 def test_a_standard_graph_ignores_the_capacity_and_grows_its_cache(tiny_decoder):
     cache = tiny_decoder.empty_cache(1, capacity=64)
     assert cache.capacity is None and cache.values[0].shape()[2] == 0
+
+
+@pytest.mark.parametrize("shape", ["mha-linear-rope", "llama3-rope-explicit-head-dim"])
+def test_fusion_follows_other_llama_shapes_and_rope_scalings(tiny, tmp_path, shape):
+    """Multi-head (kv = heads) with linear rope scaling, and llama3 rope scaling with head_dim set apart from
+    hidden/heads: the fused export must still pass the fp32 validation against PyTorch (left-padded batch,
+    decode steps) and our loop must still match transformers' greedy tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aira_opt.exporting import export_fp32
+    from aira_opt.specs import load_model
+
+    extra = ({"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+             if shape == "mha-linear-rope" else
+             {"num_key_value_heads": 2, "head_dim": 24,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+    config = LlamaConfig(vocab_size=tiny.config.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                         bos_token_id=tiny.config.bos_token_id, eos_token_id=tiny.config.eos_token_id,
+                         pad_token_id=tiny.config.pad_token_id, **extra)
+    torch.manual_seed(0)
+    source = tmp_path / "model"
+    LlamaForCausalLM(config).eval().save_pretrained(source)
+    tiny.tokenizer.save_pretrained(source)
+    loaded = load_model(str(source))
+    out = tmp_path / "fused"
+    export_fp32(loaded, out, quiet=True, fused=True)  # raises ValidationError on any mismatch
+    assert op_counts(out)["GroupQueryAttention"] == 2
+    ids = prompt_ids(tiny.tokenizer, "What do bees make?")
+    with OrtDecoder(out) as decoder:
+        ours = generate(decoder, [ids], GREEDY, tiny.tokenizer.eos_token_id, tiny.tokenizer.pad_token_id).tokens[0]
+    assert ours == hf_greedy(loaded, ids, GREEDY.max_new_tokens)
