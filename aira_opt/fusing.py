@@ -54,10 +54,14 @@ class Graph:
     """Producer/consumer indexes over a GraphProto, enough to walk it both ways."""
 
     def __init__(self, model: onnx.ModelProto):
+        # Constant tensors: initializers, Constant nodes, and Identity copies of them (the exporter dedupes
+        # equal initializers into Identity nodes, e.g. equal bias vectors).
         self.weights = {i.name for i in model.graph.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
+            if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in self.weights):
+                self.weights.update(node.output)
             for out in node.output:
                 self.producer[out] = node
             for inp in node.input:
@@ -78,7 +82,8 @@ class Graph:
             seen.add(node.name)
             if self.is_weight_matmul(node):
                 return node
-            queue.extend(i for i in node.input[:1] if i)  # follow the data path (first input)
+            data = [i for i in node.input if i and i not in self.weights]
+            queue.extend(data[:1])  # follow the data path: the first input that is not a weight
         raise FusionError(f"no projection MatMul found above '{tensor}'")
 
     def projection_below(self, tensor: str, limit: int = 80) -> onnx.NodeProto:
@@ -93,6 +98,14 @@ class Graph:
                     return node
                 queue.extend(node.output)
         raise FusionError(f"no projection MatMul found below '{tensor}'")
+
+
+    def projection_output(self, node: onnx.NodeProto) -> str:
+        """A projection's output, after its bias Add when it has one (attention_bias=True models)."""
+        users = self.consumers.get(node.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Add" and any(i in self.weights for i in users[0].input):
+            return users[0].output[0]
+        return node.output[0]
 
 
 def find_attention(graph: Graph, contract: DecoderContract) -> list[AttentionSite]:
@@ -110,7 +123,8 @@ def find_attention(graph: Graph, contract: DecoderContract) -> list[AttentionSit
         if len(others) != 1:
             raise FusionError(f"layer {layer}: expected one q_proj beside k_proj/v_proj, found {len(others)}")
         o_proj = graph.projection_below(f"present.{layer}.value")
-        sites.append(AttentionSite(layer, others[0].output[0], k_proj.output[0], v_proj.output[0], o_proj.name))
+        sites.append(AttentionSite(layer, graph.projection_output(others[0]), graph.projection_output(k_proj),
+                                   graph.projection_output(v_proj), o_proj.name))
     return sites
 
 

@@ -158,10 +158,10 @@ def test_a_standard_graph_ignores_the_capacity_and_grows_its_cache(tiny_decoder)
     assert cache.capacity is None and cache.values[0].shape()[2] == 0
 
 
-@pytest.mark.parametrize("shape", ["mha-linear-rope", "llama3-rope-explicit-head-dim"])
+@pytest.mark.parametrize("shape", ["mha-linear-rope", "llama3-rope-explicit-head-dim", "projection-biases"])
 def test_fusion_follows_other_llama_shapes_and_rope_scalings(tiny, tmp_path, shape):
-    """Multi-head (kv = heads) with linear rope scaling, and llama3 rope scaling with head_dim set apart from
-    hidden/heads: the fused export must still pass the fp32 validation against PyTorch (left-padded batch,
+    """Multi-head (kv = heads) with linear rope scaling, llama3 rope scaling with head_dim set apart from
+    hidden/heads, and q/k/v/o projections with biases: the fused export must still pass the fp32 validation against PyTorch (left-padded batch,
     decode steps) and our loop must still match transformers' greedy tokens."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -169,11 +169,14 @@ def test_fusion_follows_other_llama_shapes_and_rope_scalings(tiny, tmp_path, sha
     from aira_opt.exporting import export_fp32
     from aira_opt.specs import load_model
 
-    extra = ({"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
-             if shape == "mha-linear-rope" else
-             {"num_key_value_heads": 2, "head_dim": 24,
-              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+    extra = {
+        "mha-linear-rope": {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        "llama3-rope-explicit-head-dim": {
+            "num_key_value_heads": 2, "head_dim": 24,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 64}},
+        "projection-biases": {"num_key_value_heads": 2, "attention_bias": True},
+    }[shape]
     config = LlamaConfig(vocab_size=tiny.config.vocab_size, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                          bos_token_id=tiny.config.bos_token_id, eos_token_id=tiny.config.eos_token_id,
