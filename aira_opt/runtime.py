@@ -53,14 +53,12 @@ def onnx_file(folder: Path) -> Path:
     return path
 
 
-def session_options(threads: int | None = None, optimized_cache: Path | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if optimized_cache is not None:
-        opts.optimized_model_filepath = str(optimized_cache)
     return opts
 
 

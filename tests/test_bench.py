@@ -91,3 +91,23 @@ def test_a_child_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch)
     status, payload = bench.run_in_child(timeout=600)
     assert status == "error" and "exited with code 3" in payload
     assert time.monotonic() - start < 60
+
+
+def test_genai_rows_run_with_the_bench_thread_settings(tiny_export, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from aira_opt.bench import genai_threads
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        pytest.skip("onnxruntime-genai is not installed (pip install 'aira-opt[genai]')")
+    assert genai_threads(3) == {"intra_op_num_threads": 3, "inter_op_num_threads": 1}
+    # our fp32 folder carries a genai_config.json, so the genai backend can run it with the threads overlay
+    result = CliRunner().invoke(main, ["bench", "--genai", str(tiny_export), "--backends", "genai", "--threads", "1",
+                                       "--new-tokens", "4", "--prompt-lengths", "8", "--warmup", "0",
+                                       "--repeats", "1", "--json", str(tmp_path / "g.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert [r["backend"] for r in report["results"]] == ["genai"] and report["skipped"] == []
+    assert report["results"][0]["decode_steps"] == 3
