@@ -157,22 +157,24 @@ def machine_info(threads: int | None, bandwidth_gbps: float) -> dict[str, Any]:
 def onnx_weight_bytes(folder: Path) -> tuple[int, int]:
     """(bytes on disk of the ONNX files, weight bytes read per decode step).
 
-    Per step every weight is read once for the whole batch, except the embedding table (one row per token).
+    Per step every weight is read once for the whole batch, except lookup tables (the embedding): tensors only
+    ever read as a Gather's table, one row per token. Found by use, not by name, so other builders' graphs
+    (onnxruntime-genai's) are measured the same way.
     """
     import onnx
 
     from aira_opt.artifacts import folder_size_bytes
 
     model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
-    total = 0
-    embedding = 0
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    other_uses = {i for n in model.graph.node for k, i in enumerate(n.input) if n.op_type != "Gather" or k > 0}
+    read_per_step = 0
     for init in model.graph.initializer:
+        if init.name in tables and init.name not in other_uses:
+            continue
         n = int(np.prod(init.dims)) if init.dims else 1
-        size = n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        total += size
-        if "embed_tokens" in init.name:
-            embedding = size
-    return folder_size_bytes(Path(folder)), total - embedding
+        read_per_step += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return folder_size_bytes(Path(folder)), read_per_step
 
 
 # Child-process runners ----------------------------------------------------------------------------------
@@ -300,10 +302,7 @@ def _run_job(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, t
     elif job.backend == "genai":
         import onnxruntime_genai as og
 
-        from aira_opt.artifacts import folder_size_bytes
-
-        size_bytes = folder_size_bytes(Path(job.target))
-        weight_bytes = size_bytes
+        size_bytes, weight_bytes = onnx_weight_bytes(Path(job.target))
         config = og.Config(job.target)
         # The same thread settings as every other backend: left to its folder's defaults, onnxruntime-genai ran
         # with half the speed here (int4: 14.2 vs 26.2 tokens/s with 2 threads set), an unfair comparison.
