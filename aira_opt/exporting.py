@@ -114,14 +114,17 @@ def export_fp32(loaded: LoadedModel, output: Path, force: bool = False, atol: fl
 
 
 def fuse_in_place(path: Path, config: Any) -> dict[str, Any]:
-    """Fuse the graph at `path`, leaving its weights where they are (inline or in model.onnx_data)."""
+    """Fuse and pack the graph at `path` (fusing.fuse_and_pack) and save it back, weights included."""
     import onnx
 
-    from aira_opt.fusing import fuse_attention
+    from aira_opt.fusing import fuse_and_pack
+    from aira_opt.precision import save_model
 
-    model = onnx.load(str(path), load_external_data=False)
-    fusion = fuse_attention(model, config)
-    onnx.save_model(model, str(path))
+    model = onnx.load(str(path))
+    fusion = fuse_and_pack(model, config)
+    for old in path.parent.glob(path.name + "*"):  # onnx appends to an existing data file: start clean
+        old.unlink()
+    save_model(model, path)
     return fusion
 
 

@@ -13,6 +13,9 @@ Left padding is kept exact: every row claims the full length (seqlens_k = T - 1,
 cache layout) and the padding columns are masked by an additive bias, as transformers' SDPA mask does;
 rotary positions come from position_ids per token, not from the row's length.
 
+Then the projections that read the same input (q/k/v, gate/up) are packed into one wider MatMul each
+(pack_projections), as onnxruntime-genai's builder does for q/k/v.
+
 The layers are found by structure, anchored on contract names: `present.{i}.key` is Concat(past, K),
 `present.{i}.value` is Concat(past, V); walking up from K and V reaches the k_proj/v_proj weight MatMuls,
 whose shared input also feeds q_proj; walking down from the value cache reaches o_proj.
@@ -243,6 +246,49 @@ def fuse_attention(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return {"fused_ops": list(FUSED_OPS), "layers": len(sites), "nodes_before": before,
             "nodes_after": len(model.graph.node), "nodes_removed": removed}
+
+
+def fuse_and_pack(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
+    """The CPU graph: attention fused, then projections packed (weights must be loaded)."""
+    record = fuse_attention(model, config)
+    record["packed_matmul_groups"] = pack_projections(model)
+    record["nodes_after"] = len(model.graph.node)
+    return record
+
+
+def pack_projections(model: onnx.ModelProto) -> int:
+    """Merge the weight MatMuls that read the same input (q/k/v; gate/up) into one MatMul over their
+    concatenated weights and a Split that restores the original output names. Fewer, wider products: one
+    kernel dispatch instead of three per step, and better-shaped GEMMs in prefill (k/v alone are only
+    kv_heads * head_dim wide). Block-wise quantization along K treats each output column on its own, so a
+    packed weight quantizes to the same numbers. Needs the weights loaded; returns how many groups."""
+    weights = {t.name: t for t in model.graph.initializer}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    replaced: dict[str, list[onnx.NodeProto]] = {}
+    for source, nodes in groups.items():
+        mats = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]          # each [K, N_i]
+        if len(nodes) < 2 or len({(m.shape[0], m.dtype) for m in mats}) != 1:
+            continue
+        name = f"{nodes[0].name}_packed"
+        packed = np.concatenate(mats, axis=1)                                        # [K, sum N_i]
+        sizes = numpy_helper.from_array(np.array([m.shape[1] for m in mats], np.int64), f"{name}.split")
+        model.graph.initializer.extend([numpy_helper.from_array(packed, f"{name}.weight"), sizes])
+        replaced[nodes[0].name] = [
+            helper.make_node("MatMul", [source, f"{name}.weight"], [f"{name}_output"], name=name),
+            helper.make_node("Split", [f"{name}_output", sizes.name], [n.output[0] for n in nodes], axis=-1,
+                             name=f"{name}_split"),
+        ]
+        replaced.update({n.name: [] for n in nodes[1:]})
+    if replaced:
+        nodes = [new for node in model.graph.node for new in replaced.get(node.name, [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        sort_topologically(model)
+        remove_dead_nodes(model)  # also drops the unpacked weights
+    return sum(1 for v in replaced.values() if v)
 
 
 def sort_topologically(model: onnx.ModelProto) -> None:

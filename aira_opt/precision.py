@@ -276,15 +276,15 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: Deco
 # int8 / int4 (CPU) -------------------------------------------------------------------------------------
 def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings,
                          fuse_config: Any | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """MatMulNBits over every weight MatMul; with a config, attention is fused first (the rewrite needs the
-    k/v projections as MatMuls or MatMulNBits, and the quantizer leaves the fused nodes alone).
+    """MatMulNBits over every weight MatMul; with a config, attention is fused and projections packed first
+    (the quantizer leaves the fused nodes alone and quantizes the packed weights like any other).
     Returns the quantization record and the fusion record (None when not fused)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    from aira_opt.fusing import fuse_attention
+    from aira_opt.fusing import fuse_and_pack
 
     model = onnx.load(str(fp32_path))
-    fusion = fuse_attention(model, fuse_config) if fuse_config is not None else None
+    fusion = fuse_and_pack(model, fuse_config) if fuse_config is not None else None
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
                                                 accuracy_level=settings.accuracy_level, bits=settings.bits)
     quantizer = nbits.MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
