@@ -13,7 +13,8 @@ Left padding is kept exact: every row claims the full length (seqlens_k = T - 1,
 cache layout) and the padding columns are masked by an additive bias, as transformers' SDPA mask does;
 rotary positions come from position_ids per token, not from the row's length.
 
-Then the projections that read the same input (q/k/v, gate/up) are packed into one wider MatMul each
+Then each residual Add joins the RMSNorm after it (SkipSimplifiedLayerNormalization, fuse_residual_norms),
+and the projections that read the same input (q/k/v, gate/up) are packed into one wider MatMul each
 (pack_projections), as onnxruntime-genai's builder does for q/k/v.
 
 The layers are found by structure, anchored on contract names: `present.{i}.key` is Concat(past, K),
@@ -248,9 +249,79 @@ def fuse_attention(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
             "nodes_after": len(model.graph.node), "nodes_removed": removed}
 
 
+def fuse_residual_norms(model: onnx.ModelProto) -> int:
+    """Residual Add + RMSNorm (transformers' Pow/ReduceMean/Add/Sqrt/Div/Mul spelling, with its fp32 Casts)
+    -> one SkipSimplifiedLayerNormalization, whose fourth output is the residual sum the next layer adds to.
+    ONNX Runtime fuses the norm alone at load time but leaves the Add; returns how many were fused."""
+    graph = Graph(model)
+
+    def only(tensor: str, op: str) -> onnx.NodeProto | None:
+        users = [n for n in graph.consumers.get(tensor, []) if n.op_type == op]
+        return users[0] if len(users) == 1 else None
+
+    def through_cast(tensor: str) -> str:
+        users = graph.consumers.get(tensor, [])
+        casts = [n for n in users if n.op_type == "Cast" and _attr(n, "to") == TensorProto.FLOAT]
+        return casts[0].output[0] if len(casts) == 1 else tensor
+
+    fused, drop, new = 0, set(), []
+    renames: dict[str, str] = {}
+    for add in list(model.graph.node):
+        if add.op_type != "Add" or any(i in graph.weights for i in add.input):
+            continue
+        x = through_cast(add.output[0])                                      # the norm's input, [B, S, H]
+        pow_ = only(x, "Pow")
+        mean = pow_ and only(pow_.output[0], "ReduceMean")
+        eps_add = mean and only(mean.output[0], "Add")
+        sqrt = eps_add and only(eps_add.output[0], "Sqrt")
+        div = sqrt and only(sqrt.output[0], "Div")
+        scale = div and only(div.output[0], "Mul")
+        if not (scale and x in scale.input and _constant(model, graph, pow_.input[1]) == 2.0):
+            continue
+        normed = through_cast(scale.output[0])
+        weight_mul = only(normed, "Mul")
+        weight = weight_mul and next((i for i in weight_mul.input if i in graph.weights), None)
+        eps = _constant(model, graph, next(i for i in eps_add.input if i != mean.output[0]))
+        if weight is None or eps is None:
+            continue
+        total = f"{add.name}_skip_sum"
+        new.append(helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], weight],
+            [weight_mul.output[0], "", "", total], name=f"{add.name}_skip_norm", domain=MS_DOMAIN,
+            epsilon=float(eps)))
+        renames[add.output[0]] = renames[x] = total  # the residual stream continues from the sum
+        drop.update(n.name for n in (add, pow_, mean, eps_add, sqrt, div, scale, weight_mul))
+        fused += 1
+    if fused:
+        nodes = [n for n in model.graph.node if n.name not in drop] + new
+        for node in nodes:
+            node.input[:] = [renames.get(i, i) for i in node.input]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        sort_topologically(model)
+        remove_dead_nodes(model)
+    return fused
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _constant(model: onnx.ModelProto, graph: Graph, tensor: str) -> float | None:
+    """The scalar value of a constant tensor (initializer or Constant node), else None."""
+    for init in model.graph.initializer:
+        if init.name == tensor:
+            return float(numpy_helper.to_array(init).reshape(-1)[0])
+    node = graph.producer.get(tensor)
+    if node is not None and node.op_type == "Constant":
+        return float(numpy_helper.to_array(_attr(node, "value")).reshape(-1)[0])
+    return None
+
+
 def fuse_and_pack(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
-    """The CPU graph: attention fused, then projections packed (weights must be loaded)."""
+    """The CPU graph: attention fused, residual norms fused, projections packed (weights must be loaded)."""
     record = fuse_attention(model, config)
+    record["fused_residual_norms"] = fuse_residual_norms(model)
     record["packed_matmul_groups"] = pack_projections(model)
     record["nodes_after"] = len(model.graph.node)
     return record

@@ -39,6 +39,8 @@ def test_fused_graph_has_one_attention_op_per_layer_and_keeps_the_contract(tiny,
     assert ops["Softmax"] == 0 and sum(ops.values()) < sum(op_counts(tiny_export).values()) / 3
     # q/k/v and gate/up packed: per layer qkv, o, gate_up, down, plus lm_head; one Split per packed group
     assert ops["MatMul"] == 4 * layers + 1 and ops["Split"] == 2 * layers
+    # every residual Add went into a SkipSimplifiedLayerNormalization with the norm after it
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     contract = DecoderContract.from_config(tiny.config)
     model = onnx.load(str(tiny_fused / "model.onnx"))
     assert contract.check_graph(model) == []
