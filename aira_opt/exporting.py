@@ -115,11 +115,14 @@ def export_fp32(loaded: LoadedModel, output: Path, force: bool = False, atol: fl
 
 def fuse_in_place(path: Path, config: Any) -> dict[str, Any]:
     """Fuse and pack the graph at `path` (fusing.fuse_and_pack) and save it back, weights included."""
+    import gc
+
     import onnx
 
     from aira_opt.fusing import fuse_and_pack
     from aira_opt.precision import save_model
 
+    gc.collect()  # the exporter's garbage must go before the weights come in again
     model = onnx.load(str(path))
     fusion = fuse_and_pack(model, config)
     for old in path.parent.glob(path.name + "*"):  # onnx appends to an existing data file: start clean
