@@ -17,9 +17,9 @@ from aira_opt.specs import AIRA_TOKENS, CARD_GENERATION_DEFAULTS, LoadedModel
 PROMPT_TEMPLATE = AIRA_TOKENS.bos + "{question}" + AIRA_TOKENS.sep
 
 
-def graph_kind(model_path: Path) -> str:
+def graph_kind(model: onnx.ModelProto) -> str:
     """What a runtime needs to know about the graph's ops: standard ONNX, or our CPU fusion's contrib ops."""
-    ops = {(n.domain, n.op_type) for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
     if ("com.microsoft", "GroupQueryAttention") in ops:
         return "fused attention: com.microsoft GroupQueryAttention + RotaryEmbedding (ONNX Runtime CPU)"
     return "standard attention"
@@ -50,8 +50,10 @@ def read_metadata(folder: Path) -> dict[str, str]:
 
 
 def write_metadata(model_path: Path, props: dict[str, str]) -> None:
-    """Set metadata_props on model.onnx in place; external weight data is left untouched."""
+    """Set metadata_props on model.onnx in place, with the graph's kind (graph_kind); external weight data is
+    left untouched."""
     model = onnx.load(str(model_path), load_external_data=False)
+    props = {**props, "aira_opt.graph": graph_kind(model)}
     existing = {p.key: p for p in model.metadata_props}
     for key, value in props.items():
         if key in existing:
@@ -117,6 +119,5 @@ def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
 
 def make_portable(loaded: LoadedModel, folder: Path, precision: str) -> None:
     """Metadata into model.onnx and genai_config.json next to it (called before the manifest is written)."""
-    path = Path(folder) / "model.onnx"
-    write_metadata(path, {**metadata(loaded, precision), "aira_opt.graph": graph_kind(path)})
+    write_metadata(Path(folder) / "model.onnx", metadata(loaded, precision))
     (Path(folder) / "genai_config.json").write_text(json.dumps(genai_config(loaded, precision), indent=2) + "\n")
