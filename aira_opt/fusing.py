@@ -45,13 +45,13 @@ class FusionError(AiraOptError):
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """One layer's attention as found in the exported graph (tensor names)."""
+    """One layer's attention as found in the exported graph (tensor names, and the o_proj node to rewire)."""
 
     layer: int
     query: str       # q_proj output: [B, S, Hq*D]
     key: str         # k_proj output: [B, S, Hkv*D]
     value: str       # v_proj output: [B, S, Hkv*D]
-    o_proj: str      # node name of o_proj's MatMul, whose input [B, S, Hq*D] becomes the fused output
+    o_proj: onnx.NodeProto  # o_proj's MatMul, whose input [B, S, Hq*D] becomes the fused output
 
 
 class Graph:
@@ -60,7 +60,8 @@ class Graph:
     def __init__(self, model: onnx.ModelProto):
         # Constant tensors: initializers, Constant nodes, and Identity copies of them (the exporter dedupes
         # equal initializers into Identity nodes, e.g. equal bias vectors).
-        self.weights = {i.name for i in model.graph.initializer}
+        self.initializers = {i.name: i for i in model.graph.initializer}
+        self.weights = set(self.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
@@ -104,6 +105,15 @@ class Graph:
         raise FusionError(f"no projection MatMul found below '{tensor}'")
 
 
+    def constant_value(self, tensor: str) -> float | None:
+        """The scalar value of a constant tensor (initializer or Constant node), else None."""
+        if tensor in self.initializers:
+            return float(numpy_helper.to_array(self.initializers[tensor]).reshape(-1)[0])
+        node = self.producer.get(tensor)
+        if node is not None and node.op_type == "Constant":
+            return float(numpy_helper.to_array(_attr(node, "value")).reshape(-1)[0])
+        return None
+
     def projection_output(self, node: onnx.NodeProto) -> str:
         """A projection's output, after its bias Add when it has one (attention_bias=True models)."""
         users = self.consumers.get(node.output[0], [])
@@ -128,7 +138,7 @@ def find_attention(graph: Graph, contract: DecoderContract) -> list[AttentionSit
             raise FusionError(f"layer {layer}: expected one q_proj beside k_proj/v_proj, found {len(others)}")
         o_proj = graph.projection_below(f"present.{layer}.value")
         sites.append(AttentionSite(layer, graph.projection_output(others[0]), graph.projection_output(k_proj),
-                                   graph.projection_output(v_proj), o_proj.name))
+                                   graph.projection_output(v_proj), o_proj))
     return sites
 
 
@@ -233,9 +243,7 @@ def fuse_attention(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
             name=f"fuse/{i}/GroupQueryAttention", domain=MS_DOMAIN,
             num_heads=num_heads, kv_num_heads=contract.num_kv_heads,
             scale=float(contract.head_dim ** -0.5), do_rotary=0))
-        for node in model.graph.node:
-            if node.name == site.o_proj:
-                node.input[0] = attention_out
+        site.o_proj.input[0] = attention_out
     # The old cache Concats lose their outputs to the GQA nodes; the rest of the old attention dies with them.
     presents = {f"present.{s.layer}.{kind}" for s in sites for kind in ("key", "value")}
     for node in model.graph.node:
@@ -278,12 +286,12 @@ def fuse_residual_norms(model: onnx.ModelProto) -> int:
         sqrt = eps_add and only(eps_add.output[0], "Sqrt")
         div = sqrt and only(sqrt.output[0], "Div")
         scale = div and only(div.output[0], "Mul")
-        if not (scale and x in scale.input and _constant(model, graph, pow_.input[1]) == 2.0):
+        if not (scale and x in scale.input and graph.constant_value(pow_.input[1]) == 2.0):
             continue
         normed = through_cast(scale.output[0])
         weight_mul = only(normed, "Mul")
         weight = weight_mul and next((i for i in weight_mul.input if i in graph.weights), None)
-        eps = _constant(model, graph, next(i for i in eps_add.input if i != mean.output[0]))
+        eps = graph.constant_value(next(i for i in eps_add.input if i != mean.output[0]))
         if weight is None or eps is None:
             continue
         total = f"{add.name}_skip_sum"
@@ -307,17 +315,6 @@ def fuse_residual_norms(model: onnx.ModelProto) -> int:
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
-
-
-def _constant(model: onnx.ModelProto, graph: Graph, tensor: str) -> float | None:
-    """The scalar value of a constant tensor (initializer or Constant node), else None."""
-    for init in model.graph.initializer:
-        if init.name == tensor:
-            return float(numpy_helper.to_array(init).reshape(-1)[0])
-    node = graph.producer.get(tensor)
-    if node is not None and node.op_type == "Constant":
-        return float(numpy_helper.to_array(_attr(node, "value")).reshape(-1)[0])
-    return None
 
 
 def fuse_and_pack(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
