@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from aira_opt.corpus import training_pairs
+from aira_opt.generation import GenerateOptions
+from aira_opt.sampling import SamplingSettings
+
 warnings.filterwarnings("ignore")
 
 
@@ -42,6 +46,14 @@ def tiny_decoder(tiny_export):
 
     with OrtDecoder(tiny_export) as decoder:
         yield decoder
+
+
+GREEDY = GenerateOptions(max_new_tokens=32, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
+# Eight trained questions and eight unseen ones: on unseen text the model is uncertain, a harder parity case.
+QUESTIONS = [q for q, _ in training_pairs()[::7]][:8] + [
+    "Tell me a story.", "Why?", "What is the capital of Finland?", "Do you like music?",
+    "Explain gravity to me.", "What is three plus nine?", "Name a color.", "<|pad|> odd input <|unk|>",
+]
 
 
 def hf_greedy(tiny, ids: list[int], max_new_tokens: int) -> list[int]:

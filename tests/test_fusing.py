@@ -15,17 +15,12 @@ from click.testing import CliRunner
 from aira_opt.cli import main
 from aira_opt.contract import DecoderContract
 from aira_opt.fusing import FusionError, fuse_attention
-from aira_opt.generation import GenerateOptions, generate
+from aira_opt.generation import generate
 from aira_opt.precision import variant_name
 from aira_opt.prompts import prompt_ids
 from aira_opt.runtime import OrtDecoder, position_ids_from_mask
-from aira_opt.sampling import SamplingSettings
 
-from conftest import hf_greedy
-
-GREEDY = GenerateOptions(max_new_tokens=32, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
-QUESTIONS = ["What is the capital of Brazil?", "What do bees make?", "Hello!", "Who wrote Dom Casmurro?",
-             "What is 2 + 2?"]
+from conftest import GREEDY, QUESTIONS, hf_greedy
 
 
 def op_counts(folder: Path) -> collections.Counter:

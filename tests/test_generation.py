@@ -8,21 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.corpus import training_pairs
 from aira_opt.errors import PromptTooLongError, ProviderUnavailableError
 from aira_opt.generation import GenerateOptions, generate, left_pad
 from aira_opt.prompts import DEFAULT_CHECK_PROMPTS, decode_answer, prompt_ids, text_ids
 from aira_opt.runtime import resolve_provider
 from aira_opt.sampling import SamplingSettings
 
-from conftest import hf_greedy
-
-GREEDY = GenerateOptions(max_new_tokens=32, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
-# Eight trained questions and eight unseen ones: on unseen text the model is uncertain, a harder parity case.
-QUESTIONS = [q for q, _ in training_pairs()[::7]][:8] + [
-    "Tell me a story.", "Why?", "What is the capital of Finland?", "Do you like music?",
-    "Explain gravity to me.", "What is three plus nine?", "Name a color.", "<|pad|> odd input <|unk|>",
-]
+from conftest import GREEDY, QUESTIONS, hf_greedy
 
 
 def test_our_greedy_loop_equals_transformers_generate(tiny, tiny_decoder):
