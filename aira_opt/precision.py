@@ -56,8 +56,10 @@ class WeightOnlySettings:
 INT8_CPU = WeightOnlySettings(bits=8, block_size=32, symmetric=True, accuracy_level=4)
 # int4 for CPUs: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound.
 INT4_CPU = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4)
+WEIGHT_ONLY_RECIPES = {"int8": INT8_CPU, "int4": INT4_CPU}
 
-# Graphs that may carry fused attention (fusing.py; ONNX Runtime contrib ops). fp16 and int8-qdq feed TensorRT: standard ops.
+# Graphs that may carry fused attention (fusing.py; ONNX Runtime contrib ops).
+# fp16 and int8-qdq feed TensorRT: standard ops.
 FUSABLE = ("fp32", "int8", "int4")
 
 
@@ -71,8 +73,8 @@ def variant_name(precision: str, block_size: int | None = None, fused: bool | No
     """The folder/row name of a variant: its precision plus whatever differs from that precision's default
     (int4 block 128 -> 'int4-b128', fused fp32 -> 'fp32-fused', unfused int4 -> 'int4-unfused')."""
     name = precision
-    default_block = {"int8": INT8_CPU.block_size, "int4": INT4_CPU.block_size}.get(precision)
-    if block_size is not None and block_size != default_block:
+    recipe = WEIGHT_ONLY_RECIPES.get(precision)
+    if block_size is not None and (recipe is None or block_size != recipe.block_size):
         name += f"-b{block_size}"
     if fused is not None and fused != default_fused(precision):
         name += "-fused" if fused else "-unfused"
@@ -322,7 +324,7 @@ def graph_record(fusion: dict[str, Any] | None) -> dict[str, Any]:
 # The variant pipeline ----------------------------------------------------------------------------------
 def weight_only_settings(precision: str, block_size: int | None) -> WeightOnlySettings:
     """The CPU recipe for int8/int4, with an optional block size (a power of two, 16..256)."""
-    base = INT8_CPU if precision == "int8" else INT4_CPU
+    base = WEIGHT_ONLY_RECIPES[precision]
     if block_size is None:
         return base
     if block_size < 16 or block_size > 256 or block_size & (block_size - 1):
