@@ -11,10 +11,22 @@ from typing import Any
 import click
 
 from aira_opt import __version__
-from aira_opt.errors import AiraOptError
+from aira_opt.bench.planning import plan_jobs
+from aira_opt.bench.report import render_text, report_json, write_outputs
+from aira_opt.bench.run import Setting, run_bench
+from aira_opt.check.parity import load_questions, report_table, run_check
+from aira_opt.core.artifacts import read_manifest, refuse_existing
+from aira_opt.core.errors import AiraOptError
+from aira_opt.decoders import open_decoder
+from aira_opt.generation.chat import Chat, settings_from_folder
+from aira_opt.inspection import inspect_folder
+from aira_opt.precision.pipeline import default_output, export_model
+from aira_opt.precision.variants import BLOCK_SIZES, exportable_names, variant
+from aira_opt.runtime.providers import PROVIDERS
+from aira_opt.spec.models import LoadedModel, load_model, spec_name
+from aira_opt.tensorrt.engines import build_engine
+from aira_opt.tensorrt.plan import BuildOptions, describe_plan, make_plan
 
-PRECISIONS = ["fp32", "fp16", "int8-qdq", "int8", "int4"]
-PROVIDERS = ["cpu", "cuda", "tensorrt"]
 
 model_option = click.option("--model", "model_spec", default="aira-tiny", show_default=True, metavar="SPEC",
                             help="aira-tiny (bundled), aira-2-1b1-random, a local folder, or a hub id.")
@@ -26,10 +38,31 @@ onnx_dir_option = click.option("--onnx", "onnx_dir", default=None,
 engine_dir_option = click.option("--engine", "engine_dir", default=None,
                                  type=click.Path(exists=True, file_okay=False, path_type=Path),
                                  help="An aira-opt TensorRT engine folder (from `aira-opt build`), instead of --onnx.")
-provider_option = click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+provider_option = click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
                                help="ONNX Runtime execution provider.")
+FROM_EXPORT = "[default: the export's generation_config.json]"
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="ONNX Runtime intra-op threads (default: all cores).")
+
+
+def json_option(what: str) -> Any:
+    """`--json PATH|-`, the same in every command: '-' prints to stdout (and the human output goes to stderr)."""
+    return click.option("--json", "json_target", default=None, metavar="PATH|-",
+                        help=f"Write {what} as JSON to PATH, or to stdout with '-'.")
+
+
+def emit_json(target: str, data: Any, lines: bool = False) -> None:
+    """JSON to stdout ('-') or to a file; with lines=True, `data` is a list written one object per line."""
+    text = "\n".join(json.dumps(d) for d in data) if lines else json.dumps(data, indent=2)
+    if target == "-":
+        click.echo(text)
+    else:
+        Path(target).write_text(text + "\n")
+
+
+def human_echo(json_target: str | None) -> Any:
+    """Where the human-readable output goes: stderr when the JSON has stdout."""
+    return (lambda s="", **kw: click.echo(s, err=True, **kw)) if json_target == "-" else click.echo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,9 +93,7 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _load(model_spec: str, num_layers: int | None):
-    from aira_opt.specs import load_model
-
+def _load(model_spec: str, num_layers: int | None) -> LoadedModel:
     return load_model(model_spec, num_layers=num_layers)
 
 
@@ -70,39 +101,31 @@ def _load(model_spec: str, num_layers: int | None):
 @main.command("export")
 @model_option
 @num_layers_option
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(exportable_names()), default="fp32", show_default=True,
               help="Precision of the ONNX graph.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder [default: export/<model>/<precision>].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--atol", type=float, default=None, help="Max |logit diff| vs PyTorch accepted by the fp32 validation.")
 @click.option("--block-size", type=int, default=None,
-              help="int8/int4 only: weights per quantization block [default: 32; 128 is faster, less exact].")
+              help=f"int8/int4 only: weights per quantization block, one of {', '.join(map(str, BLOCK_SIZES))} "
+                   "[default: 32; 128 is faster, less exact].")
 @click.option("--fuse/--no-fuse", default=None,
               help="Fuse attention into ONNX Runtime's CPU ops (GroupQueryAttention + RotaryEmbedding) "
                    "[default: on for int8/int4, off for fp32; fp16/int8-qdq stay standard-op for TensorRT].")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
                atol: float | None, block_size: int | None, fuse: bool | None) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
-    from aira_opt.artifacts import refuse_existing
-    from aira_opt.exporting import FP32_ATOL, default_output, export_fp32
-    from aira_opt.precision import check_fusable, variant_name
-
-    if block_size is not None and precision not in ("int8", "int4"):
-        raise click.UsageError("--block-size applies to --precision int8 or int4 only")
-    try:
-        fused = check_fusable(precision, fuse)
-    except AiraOptError as exc:
-        raise click.UsageError(exc.message) from None
+    record = variant(precision)
+    record.settings(block_size)  # option errors before the slow model load
+    fused = record.fused(fuse)
     loaded = _load(model_spec, num_layers)
-    output = output or default_output(loaded.name, variant_name(precision, block_size, fused))
+    output = output or default_output(loaded.name, record.folder_name(block_size, fused))
     refuse_existing(output, force)
-    if precision == "fp32":
-        export_fp32(loaded, output, force=force, atol=atol if atol is not None else FP32_ATOL, fused=fused)
-    else:
-        from aira_opt.precision import export_variant
-
-        export_variant(loaded, precision, output, force=force, block_size=block_size, fused=fused)
+    # The variants start from the fp32 graph: an existing, intact fp32 export of the same model saves a re-export.
+    reuse = None if precision == "fp32" else default_output(loaded.name, "fp32")
+    export_model(loaded, precision, output, force=force, block_size=block_size, fused=fused, atol=atol,
+                 reuse_fp32=reuse)
     click.echo(f"wrote {output}")
 
 
@@ -116,32 +139,35 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
 @click.option("--greedy", is_flag=True, help="Argmax instead of sampling (the repetition penalty still applies).")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--num-return-sequences", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="[default: card's 200]")
-@click.option("--temperature", type=float, default=None, help="[default: card's 0.2]")
-@click.option("--top-k", type=click.IntRange(min=0), default=None, help="[default: card's 30]")
-@click.option("--top-p", type=float, default=None, help="[default: card's 0.3]")
-@click.option("--repetition-penalty", type=float, default=None, help="[default: card's 1.2]")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per question instead of streaming.")
-def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str | None, provider: str, threads: int | None, greedy: bool,
-                 seed: int | None, num_return_sequences: int, max_new_tokens: int | None, temperature: float | None,
-                 top_k: int | None, top_p: float | None, repetition_penalty: float | None, as_json: bool) -> None:
-    """Answer a question (or one per line of standard input) with our ONNX Runtime loop."""
-    from aira_opt.chat import Chat, settings_from_folder
-    from aira_opt.runtime import open_decoder
-
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help=FROM_EXPORT)
+@click.option("--temperature", type=float, default=None, help=FROM_EXPORT)
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help=FROM_EXPORT)
+@click.option("--top-p", type=float, default=None, help=FROM_EXPORT)
+@click.option("--repetition-penalty", type=float, default=None, help=FROM_EXPORT)
+@json_option("one object per question (one per line) instead of streaming the answer")
+def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str | None, provider: str,
+                 threads: int | None, greedy: bool, seed: int | None, num_return_sequences: int,
+                 max_new_tokens: int | None, temperature: float | None, top_k: int | None, top_p: float | None,
+                 repetition_penalty: float | None, json_target: str | None) -> None:
+    """Answer a question (or one per line of standard input) with our generation loop."""
     folder, decoder = open_decoder(onnx_dir, engine_dir, provider, threads)
     options = settings_from_folder(folder, greedy=greedy, seed=seed, num_return_sequences=num_return_sequences,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty)
     questions = [question] if question is not None else (line.strip() for line in sys.stdin)
+    answers = []
     with Chat(folder, decoder) as chat:
         for q in questions:
             if not q:
                 continue
-            if as_json:
-                click.echo(json.dumps(chat.answer(q, options)))
+            if json_target == "-":
+                click.echo(json.dumps(chat.answer(q, options)))  # as each answer is ready
+            elif json_target is not None:
+                answers.append(chat.answer(q, options))
             else:
                 chat.stream(q, options, click.echo)
+    if json_target not in (None, "-"):
+        emit_json(json_target, answers, lines=True)
 
 
 # build -------------------------------------------------------------------------------------------------
@@ -168,10 +194,6 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int,
               timing_cache: Path | None, workspace_gib: float, opt_level: int, one_profile: bool, dry_run: bool,
               force: bool) -> None:
     """Build a TensorRT 11 engine (strongly typed) from an export folder."""
-    from aira_opt.artifacts import read_manifest
-    from aira_opt.engine_plan import BuildOptions, describe_plan, make_plan
-    from aira_opt.specs import spec_name
-
     options = BuildOptions(max_batch=max_batch, max_seq=max_seq, max_context=max_context, target=target,
                            workspace_gib=workspace_gib, opt_level=opt_level,
                            timing_cache=str(timing_cache) if timing_cache else None)
@@ -184,8 +206,6 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int,
     if dry_run:
         click.echo(f"dry run: would write {output}/model.plan and model.json")
         return
-    from aira_opt.engines import build_engine
-
     sidecar = build_engine(plan, onnx_dir, output, force=force)
     click.echo(f"wrote {output} (TensorRT {sidecar['tensorrt_version']}, {sidecar['gpu']}, "
                f"hardware compatibility {sidecar['hardware_compatibility_level']}, {sidecar['build_seconds']}s)")
@@ -203,19 +223,14 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int,
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Questions, one per line [default: 8 built-in Aira questions].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the report as JSON ('-' for stdout).")
+@json_option("the report")
 @provider_option
 @threads_option
 @click.option("--baseline", type=click.Choice(["cpu-fp32", "cuda-fp16"]), default="cpu-fp32", show_default=True,
               help="The PyTorch reference: fp32 on the CPU, or fp16 on the GPU (what GPU users run).")
 def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | None, prompts_file: Path | None,
-              max_new_tokens: int, json_path: Path | None, provider: str, threads: int | None, baseline: str) -> None:
+              max_new_tokens: int, json_target: str | None, provider: str, threads: int | None, baseline: str) -> None:
     """Check an export's outputs against the PyTorch baseline; exit 1 when it fails its thresholds."""
-    from aira_opt.artifacts import read_manifest
-    from aira_opt.compare import load_questions, report_table, run_check
-    from aira_opt.runtime import open_decoder
-
     folder, decoder = open_decoder(onnx_dir, engine_dir, provider, threads)
     manifest = read_manifest(folder, "manifest.json" if onnx_dir else "source_manifest.json")
     source = manifest.get("source_model", {})
@@ -236,13 +251,9 @@ def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | 
     data = report.to_json()
     data["evaluation"] = (f"TensorRT engine {folder}" if engine_dir else
                           f"onnxruntime {provider} provider running the {precision} graph as exported")
-    if json_path is not None:
-        text = json.dumps(data, indent=2)
-        if str(json_path) == "-":
-            click.echo(text)
-        else:
-            json_path.write_text(text + "\n")
-    out = click.echo if str(json_path) != "-" else (lambda s: click.echo(s, err=True))
+    if json_target is not None:
+        emit_json(json_target, data)
+    out = human_echo(json_target)
     out(report_table(report))
     out(f"\nprecision {precision}: greedy identical {report.greedy_exact_match}/{report.prompts}, "
         f"top-1 agreement {report.top1_agreement:.4f}, max |logit diff| {report.max_abs_logit_diff:.3e}, "
@@ -285,25 +296,24 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @threads_option
 @provider_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@json_option("the results")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
               genai_dirs: tuple[Path, ...], backends: str, prompt_lengths: list[int], new_tokens: int,
-              batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str, json_path: Path | None,
-              markdown_path: Path | None, plot_path: Path | None) -> None:
+              batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str,
+              json_target: str | None, markdown_path: Path | None, plot_path: Path | None) -> None:
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""
-    from aira_opt.bench_plan import plan_jobs
-    from aira_opt.bench import Setting, render_text, run_bench, write_outputs
-
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
     plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), wanted, provider)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
-    report = run_bench(plan.jobs, settings, warmup, repeats, threads, plan.vocab, plan.eos, plan.pad,
+    report = run_bench(plan.jobs, settings, warmup, repeats, threads, plan.token_ids, plan.eos, plan.pad,
                        skipped=plan.skipped, progress=lambda s: click.echo(s, err=True))
     command = "aira-opt " + " ".join(sys.argv[1:]) if sys.argv and "aira-opt" in sys.argv[0] else ""
-    click.echo(render_text(report))
-    write_outputs(report, json_path, markdown_path, plot_path, command)
+    human_echo(json_target)(render_text(report))
+    if json_target is not None:
+        emit_json(json_target, report_json(report, command))
+    write_outputs(report, markdown_path, plot_path, command)
     if not report.results:
         raise AiraOptError("no backend produced a result: " + "; ".join(s["reason"] for s in report.skipped))
 
@@ -311,51 +321,15 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
 # inspect -----------------------------------------------------------------------------------------------
 @main.command("inspect")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest check as JSON.")
-def inspect_cmd(folder: Path, as_json: bool) -> None:
+@json_option("the summary")
+def inspect_cmd(folder: Path, json_target: str | None) -> None:
     """Print an export's contract and manifest (or an engine's sidecar), and verify every file's sha256."""
-    from aira_opt.artifacts import read_manifest, verify_manifest
-    from aira_opt.engines import SIDECAR, verify_engine_folder
-    from aira_opt.portable import read_metadata
-
-    if (folder / SIDECAR).is_file():
-        sidecar = json.loads((folder / SIDECAR).read_text())
-        problems = verify_engine_folder(folder)
-        keys = ("tensorrt_version", "gpu", "compute_capability", "target", "hardware_compatibility_level", "precision")
-        summary = {"folder": str(folder), **{k: sidecar.get(k) for k in keys},
-                   "profiles": [p["name"] for p in sidecar.get("profiles", [])], "hashes_ok": not problems,
-                   "problems": problems}
-        click.echo(json.dumps(summary, indent=2) if as_json else
-                   "\n".join(f"{k}: {v}" for k, v in summary.items() if k not in ("hashes_ok", "problems"))
-                   + ("\nplan sha256: matches model.json" if not problems else "\nproblems: " + "; ".join(problems)))
-        if problems:
-            raise SystemExit(1)
-        return
-    manifest = read_manifest(folder)
-    problems = verify_manifest(folder)
-    summary: dict[str, Any] = {
-        "folder": str(folder), "precision": manifest.get("precision"),
-        "source_model": manifest.get("source_model", {}).get("source"), "opset": manifest.get("opset"),
-        "files": len(manifest.get("files", {})), "hashes_ok": not problems, "problems": problems,
-        "contract": manifest.get("contract"), "kept_fp32": manifest.get("kept_fp32"),
-        "quantization": manifest.get("quantization"), "graph": manifest.get("graph", {"fused": False}),
-        "metadata": read_metadata(folder),
-        "genai_config": (folder / "genai_config.json").is_file(),
-    }
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        for key in ("folder", "precision", "source_model", "opset", "files", "kept_fp32", "quantization", "graph"):
-            click.echo(f"{key}: {summary[key]}")
-        contract = manifest.get("contract") or {}
-        for name, shape in {**contract.get("inputs", {}), **contract.get("outputs", {})}.items():
-            if ".0." in name or not name.startswith(("past_key_values", "present")):
-                click.echo(f"  {name}: {shape}")
-        for key, value in summary["metadata"].items():
-            click.echo(f"metadata {key}: {value}")
-        click.echo(f"genai_config.json: {'present' if summary['genai_config'] else 'missing'}")
-        click.echo("hashes: all match" if not problems else "hashes: " + "; ".join(problems))
-    if problems:
+    summary, lines = inspect_folder(folder)
+    if json_target is not None:
+        emit_json(json_target, summary)
+    if json_target != "-":  # with the JSON on stdout, it says everything
+        click.echo("\n".join(lines))
+    if summary["problems"]:
         raise SystemExit(1)
 
 

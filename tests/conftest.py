@@ -1,4 +1,4 @@
-"""Shared fixtures: the bundled model and one fp32 export of it, made once per test session."""
+"""Fixtures: the bundled model and its exports, each made once per test session and only when a test asks."""
 
 from __future__ import annotations
 
@@ -7,74 +7,87 @@ from pathlib import Path
 
 import pytest
 
-from aira_opt.corpus import training_pairs
-from aira_opt.generation import GenerateOptions
-from aira_opt.sampling import SamplingSettings
-
 warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True)
+def _no_working_directory_files(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder, so nothing a developer has in export/ is picked up."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    from aira_opt.specs import load_model
+    from aira_opt.spec.models import load_model
 
     return load_model("aira-tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny, tmp_path_factory) -> Path:
-    from aira_opt.exporting import export_fp32
+    from aira_opt.precision.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "aira-tiny" / "fp32"
-    export_fp32(tiny, out, quiet=True)
+    export_model(tiny, "fp32", out, quiet=True)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_fused(tiny, tmp_path_factory) -> Path:
     """aira-tiny fp32 with attention fused to ONNX Runtime's CPU ops (export --fuse)."""
-    from aira_opt.exporting import export_fp32
+    from aira_opt.precision.pipeline import export_model
 
     out = tmp_path_factory.mktemp("fused") / "aira-tiny" / "fp32-fused"
-    export_fp32(tiny, out, quiet=True, fused=True)
+    export_model(tiny, "fp32", out, quiet=True, fused=True)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_decoder(tiny_export):
-    from aira_opt.runtime import OrtDecoder
+    from aira_opt.runtime.ort import OrtDecoder
 
     with OrtDecoder(tiny_export) as decoder:
         yield decoder
 
 
-GREEDY = GenerateOptions(max_new_tokens=32, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
-# Eight trained questions and eight unseen ones: on unseen text the model is uncertain, a harder parity case.
-QUESTIONS = [q for q, _ in training_pairs()[::7]][:8] + [
-    "Tell me a story.", "Why?", "What is the capital of Finland?", "Do you like music?",
-    "Explain gravity to me.", "What is three plus nine?", "Name a color.", "<|pad|> odd input <|unk|>",
-]
+class LazyVariants:
+    """aira-tiny's reduced-precision variants, each exported the first time a test asks for it."""
 
+    def __init__(self, tiny, root: Path):
+        self.tiny, self.root, self.made = tiny, root, {}
 
-def hf_greedy(tiny, ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' own greedy generate, without the card's repetition penalty."""
-    import torch
+    def __getitem__(self, precision: str) -> Path:
+        from aira_opt.precision.pipeline import export_model
 
-    x = torch.tensor([ids])
-    out = tiny.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, repetition_penalty=1.0,
-                              max_new_tokens=max_new_tokens, eos_token_id=tiny.tokenizer.eos_token_id,
-                              pad_token_id=tiny.tokenizer.pad_token_id, temperature=None, top_k=None, top_p=None)
-    return out[0, len(ids):].tolist()
+        if precision not in self.made:
+            export_model(self.tiny, precision, self.root / precision, quiet=True)
+            self.made[precision] = self.root / precision
+        return self.made[precision]
+
+    def items(self):
+        return [(p, self[p]) for p in ("fp16", "int8-qdq", "int8", "int4")]
 
 
 @pytest.fixture(scope="session")
-def tiny_variants(tiny, tmp_path_factory) -> dict[str, Path]:
-    """Every reduced-precision variant of aira-tiny, exported once."""
-    from aira_opt.precision import export_variant
+def tiny_variants(tiny, tmp_path_factory) -> LazyVariants:
+    return LazyVariants(tiny, tmp_path_factory.mktemp("variants"))
 
-    root = tmp_path_factory.mktemp("variants")
-    out = {}
-    for precision in ("fp16", "int8-qdq", "int8", "int4"):
-        out[precision] = root / precision
-        export_variant(tiny, precision, out[precision], quiet=True)
-    return out
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu or tensorrt are skipped at collection, with the reason, where those are missing."""
+    import importlib.util
+
+    reasons = {}
+    if importlib.util.find_spec("tensorrt") is None:
+        reasons["tensorrt"] = "TensorRT is not installed (pip install 'aira-opt[trt]' on a machine with an NVIDIA GPU)"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            reasons["gpu"] = "no NVIDIA GPU visible to PyTorch"
+    except ImportError:
+        reasons["gpu"] = "PyTorch is not installed"
+    for item in items:
+        for marker, reason in reasons.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

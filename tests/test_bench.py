@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 
-from aira_opt.bench import probe_bandwidth_gbps
+from aira_opt.bench.machine import probe_bandwidth_gbps
 from aira_opt.cli import main
 
 REQUIRED = {"backend", "precision", "batch_size", "prompt_length", "new_tokens", "ttft_ms", "decode_tokens_per_s",
@@ -57,12 +57,13 @@ def test_bandwidth_probe_returns_a_positive_figure():
 
 
 def test_gpu_rows_are_judged_against_gpu_bandwidth_not_the_host_probe():
-    from aira_opt.bench import Job, summarize
+    from aira_opt.bench.run import summarize
+    from aira_opt.bench.runners import Job
 
     payload = {"rows": [{"setting": {"batch_size": 1, "prompt_length": 8, "new_tokens": 3}, "ttft": [0.01],
                          "steps": [0.01, 0.01], "rates": [100.0]}],
                "load_s": 1.0, "peak_rss_mb": 1.0, "size_bytes": 2e9, "weight_bytes": 2e9, "device": "cuda"}
-    job = Job("ort", "ort fp16 (cuda)", "fp16", "x", provider="cuda")
+    job = Job("ort", "ort fp16 (cuda)", "fp16", folder="x", provider="cuda")
     (gpu,) = summarize(job, payload, bandwidth_gbps=20.0, gpu_bandwidth_gbps=4000.0)
     assert gpu.device == "cuda" and abs(gpu.pct_of_bound - 100 * 100 / 2000) < 1e-9  # bound: 4000/2 steps/s
     (host,) = summarize(job, {**payload, "device": "cpu"}, bandwidth_gbps=20.0)
@@ -72,7 +73,7 @@ def test_gpu_rows_are_judged_against_gpu_bandwidth_not_the_host_probe():
 def test_recorded_onnxruntime_version_is_the_imported_module():
     import onnxruntime
 
-    from aira_opt.artifacts import library_versions
+    from aira_opt.core.artifacts import library_versions
 
     assert library_versions()["onnxruntime"].startswith(onnxruntime.__version__)
 
@@ -84,7 +85,7 @@ def _die_at_once(queue, *args):
 def test_a_child_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch):
     import time
 
-    import aira_opt.bench as bench
+    import aira_opt.bench.run as bench
 
     monkeypatch.setattr(bench, "_child", _die_at_once)
     start = time.monotonic()
@@ -98,7 +99,7 @@ def test_genai_rows_run_with_the_bench_thread_settings(tiny_export, tmp_path):
 
     import pytest
 
-    from aira_opt.bench import genai_threads
+    from aira_opt.bench.runners import genai_threads
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         pytest.skip("onnxruntime-genai is not installed (pip install 'aira-opt[genai]')")

@@ -16,10 +16,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-import aira_opt.engines as engines
+import aira_opt.tensorrt.engines as engines
 from aira_opt.cli import main
-from aira_opt.contract import DecoderContract
-from aira_opt.engine_plan import (
+from aira_opt.core.contract import DecoderContract
+from aira_opt.tensorrt.plan import (
     BuildOptions,
     derive_profiles,
     hardware_compatibility,
@@ -27,8 +27,8 @@ from aira_opt.engine_plan import (
     preflight,
     profile_for,
 )
-from aira_opt.errors import AiraOptError
-from aira_opt.specs import PRESETS
+from aira_opt.core.errors import AiraOptError
+from aira_opt.spec.models import PRESETS
 
 AIRA_1B = PRESETS["aira-2-1b1-random"]
 BIG = DecoderContract(AIRA_1B.num_hidden_layers, AIRA_1B.num_key_value_heads, AIRA_1B.head_dim, AIRA_1B.vocab_size)
@@ -237,7 +237,7 @@ def test_engine_matches_pytorch_on_gpu(tiny_variants, precision, tmp_path):
 
 
 def test_engine_sidecar_describes_the_build_and_inspect_verifies_the_plan(tiny_variants, tmp_path):
-    from aira_opt.engines import PLAN_FILE, SIDECAR, engine_sidecar
+    from aira_opt.tensorrt.engines import PLAN_FILE, SIDECAR, engine_sidecar
 
     plan = make_plan(tiny_variants["fp16"], BuildOptions(max_seq=64, max_context=512))
     folder = tmp_path / "engine"
@@ -260,8 +260,8 @@ def test_preflight_catches_an_fp32_weight_in_an_fp16_graph(tiny, tiny_variants):
     import numpy as np
     from onnx import numpy_helper
 
-    from aira_opt.engine_plan import fp16_consistency
-    from aira_opt.precision import fp32_islands
+    from aira_opt.tensorrt.plan import fp16_consistency
+    from aira_opt.precision.graph import fp32_islands
 
     fp16 = onnx.load(str(tiny_variants["fp16"] / "model.onnx"))
     declared = fp32_islands(fp16)

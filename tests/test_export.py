@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from aira_opt.artifacts import verify_manifest
 from aira_opt.cli import main
-from aira_opt.contract import DecoderContract
-from aira_opt.runtime import position_ids_from_mask
+from aira_opt.core.artifacts import verify_manifest
+from aira_opt.core.contract import DecoderContract, position_ids_from_mask
+from helpers import run_numpy
 
 
 def test_export_follows_the_onnx_contract(tiny, tiny_export):
@@ -61,7 +61,7 @@ def test_onnx_matches_pytorch_at_prefill_and_decode(tiny, tiny_decoder):
         past = {n: np.zeros((batch, contract.num_kv_heads, 0, contract.head_dim), np.float32)
                 for n in contract.past_names()}
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask, length), **past}
-        out = tiny_decoder.forward_numpy(feeds)
+        out = run_numpy(tiny_decoder.folder, feeds)
         with torch.no_grad():
             ref = tiny.model(input_ids=torch.from_numpy(ids), use_cache=True)
         assert np.abs(out["logits"] - ref.logits.numpy()).max() < 1e-4  # prefill
@@ -69,7 +69,7 @@ def test_onnx_matches_pytorch_at_prefill_and_decode(tiny, tiny_decoder):
         mask2 = np.ones((batch, length + 1), np.int64)
         feeds = {"input_ids": nxt, "attention_mask": mask2, "position_ids": position_ids_from_mask(mask2, 1),
                  **{p: out[o] for p, o in zip(contract.past_names(), contract.present_names())}}
-        out2 = tiny_decoder.forward_numpy(feeds)
+        out2 = run_numpy(tiny_decoder.folder, feeds)
         with torch.no_grad():
             ref2 = tiny.model(input_ids=torch.from_numpy(nxt), past_key_values=ref.past_key_values, use_cache=True)
         assert np.abs(out2["logits"] - ref2.logits.numpy()).max() < 1e-4  # decode
@@ -101,24 +101,24 @@ def test_force_replaces_an_existing_output(tmp_path):
 
 
 def test_interrupted_export_leaves_nothing_half_written(monkeypatch, tmp_path):
-    import aira_opt.exporting as exporting
+    import aira_opt.precision.pipeline as pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(exporting, "validate_against_torch", interrupted)
-    from aira_opt.specs import load_model
+    monkeypatch.setattr(pipeline, "validate_against_torch", interrupted)
+    from aira_opt.spec.models import load_model
 
     with pytest.raises(KeyboardInterrupt):
-        exporting.export_fp32(load_model("aira-tiny"), tmp_path / "out", quiet=True)
+        pipeline.export_model(load_model("aira-tiny"), "fp32", tmp_path / "out", quiet=True)
     assert os.listdir(tmp_path) == []
 
 
 def test_failed_validation_raises_one_error_listing_every_mismatch(tiny, tmp_path):
-    from aira_opt.errors import ValidationError
-    from aira_opt.exporting import export_fp32
+    from aira_opt.core.errors import ValidationError
+    from aira_opt.precision.pipeline import export_model
 
     with pytest.raises(ValidationError) as info:
-        export_fp32(tiny, tmp_path / "out", atol=1e-12, quiet=True)
+        export_model(tiny, "fp32", tmp_path / "out", atol=1e-12, quiet=True)
     assert len(info.value.mismatches) >= 4 and "prefill" in str(info.value)
     assert not (tmp_path / "out").exists()

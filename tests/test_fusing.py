@@ -13,14 +13,15 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.contract import DecoderContract
-from aira_opt.fusing import FusionError, fuse_attention
-from aira_opt.generation import generate
-from aira_opt.precision import variant_name
-from aira_opt.prompts import prompt_ids
-from aira_opt.runtime import OrtDecoder, position_ids_from_mask
+from aira_opt.core.contract import DecoderContract
+from aira_opt.precision.fusing import FusionError, fuse_attention
+from aira_opt.generation.loop import generate
+from aira_opt.precision.variants import variant_name
+from aira_opt.spec.prompts import prompt_ids
+from aira_opt.core.contract import position_ids_from_mask
+from aira_opt.runtime.ort import OrtDecoder
 
-from conftest import GREEDY, QUESTIONS, hf_greedy
+from helpers import GREEDY, QUESTIONS, hf_greedy
 
 
 def op_counts(folder: Path) -> collections.Counter:
@@ -44,10 +45,10 @@ def test_fused_graph_has_one_attention_op_per_layer_and_keeps_the_contract(tiny,
 
 
 def test_inspect_and_onnx_metadata_say_the_graph_is_fused(tiny_export, tiny_fused):
-    fused = json.loads(CliRunner().invoke(main, ["inspect", str(tiny_fused), "--json"]).output)
+    fused = json.loads(CliRunner().invoke(main, ["inspect", str(tiny_fused), "--json", "-"]).output)
     assert fused["graph"]["fused"] is True and fused["hashes_ok"]
     assert "GroupQueryAttention" in fused["metadata"]["aira_opt.graph"]
-    standard = json.loads(CliRunner().invoke(main, ["inspect", str(tiny_export), "--json"]).output)
+    standard = json.loads(CliRunner().invoke(main, ["inspect", str(tiny_export), "--json", "-"]).output)
     assert standard["graph"] == {"fused": False} and standard["metadata"]["aira_opt.graph"] == "standard attention"
 
 
@@ -111,8 +112,8 @@ def test_no_fuse_keeps_int4_standard_attention_and_fuse_is_refused_for_tensorrt_
 
 
 def test_a_fused_graph_cannot_go_to_tensorrt(tiny, tiny_fused):
-    from aira_opt.engine_plan import BuildOptions, derive_profiles, make_plan, preflight
-    from aira_opt.errors import AiraOptError
+    from aira_opt.tensorrt.plan import BuildOptions, derive_profiles, make_plan, preflight
+    from aira_opt.core.errors import AiraOptError
 
     with pytest.raises(AiraOptError, match="without --fuse"):
         make_plan(tiny_fused, BuildOptions(max_context=512))
@@ -152,9 +153,16 @@ def test_fused_graph_writes_a_preallocated_cache_in_place_and_matches_the_growin
             decoder.step(x, mask, position_ids_from_mask(mask, 1), fixed)
 
 
-def test_a_standard_graph_ignores_the_capacity_and_grows_its_cache(tiny_decoder):
-    cache = tiny_decoder.empty_cache(1, capacity=64)
-    assert cache.capacity is None and cache.values[0].shape()[2] == 0
+def test_a_standard_graph_grows_its_cache_within_the_capacity(tiny_decoder):
+    cache = tiny_decoder.empty_cache(1, capacity=4)
+    assert not cache.in_place and cache.values[0].shape()[2] == 0
+    ids = np.array([[1, 50, 60, 3]])                                            # input_ids: [1, 4]
+    mask = np.ones_like(ids)
+    _, cache = tiny_decoder.step(ids, mask, position_ids_from_mask(mask, 4), cache)
+    assert cache.length == 4 and cache.values[0].shape()[2] == 4  # grown, not preallocated
+    mask = np.ones((1, 5), np.int64)
+    with pytest.raises(ValueError, match="capacity"):  # the cache owns its bound, whichever policy it has
+        tiny_decoder.step(np.array([[7]]), mask, position_ids_from_mask(mask, 1), cache)
 
 
 @pytest.mark.parametrize("shape", ["mha-linear-rope", "llama3-rope-explicit-head-dim", "projection-biases"])
@@ -165,8 +173,8 @@ def test_fusion_follows_other_llama_shapes_and_rope_scalings(tiny, tmp_path, sha
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aira_opt.exporting import export_fp32
-    from aira_opt.specs import load_model
+    from aira_opt.precision.pipeline import export_model
+    from aira_opt.spec.models import load_model
 
     extra = {
         "mha-linear-rope": {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
@@ -186,7 +194,7 @@ def test_fusion_follows_other_llama_shapes_and_rope_scalings(tiny, tmp_path, sha
     tiny.tokenizer.save_pretrained(source)
     loaded = load_model(str(source))
     out = tmp_path / "fused"
-    export_fp32(loaded, out, quiet=True, fused=True)  # raises ValidationError on any mismatch
+    export_model(loaded, "fp32", out, quiet=True, fused=True)  # raises ValidationError on any mismatch
     assert op_counts(out)["GroupQueryAttention"] == 2
     ids = prompt_ids(tiny.tokenizer, "What do bees make?")
     with OrtDecoder(out) as decoder:

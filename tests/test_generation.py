@@ -8,13 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.errors import PromptTooLongError, ProviderUnavailableError
-from aira_opt.generation import GenerateOptions, generate, left_pad
-from aira_opt.prompts import DEFAULT_CHECK_PROMPTS, decode_answer, prompt_ids, text_ids
-from aira_opt.runtime import resolve_provider
-from aira_opt.sampling import SamplingSettings
+from aira_opt.core.errors import PromptTooLongError, ProviderUnavailableError
+from aira_opt.generation.loop import GenerateOptions, generate, left_pad
+from aira_opt.spec.prompts import DEFAULT_CHECK_PROMPTS, decode_answer, prompt_ids, text_ids
+from aira_opt.runtime.providers import resolve_provider
+from aira_opt.generation.sampling import SamplingSettings
 
-from conftest import GREEDY, QUESTIONS, hf_greedy
+from helpers import GREEDY, QUESTIONS, hf_greedy
 
 
 def test_our_greedy_loop_equals_transformers_generate(tiny, tiny_decoder):
@@ -56,7 +56,8 @@ def test_ignore_eos_generates_exactly_max_new_tokens(tiny, tiny_decoder):
 def test_num_return_sequences_and_seeded_sampling_repeat(tiny, tiny_decoder):
     tok = tiny.tokenizer
     opts = GenerateOptions(max_new_tokens=24, seed=11, num_return_sequences=3,
-                           sampling=SamplingSettings(do_sample=True, temperature=1.5, top_k=0, top_p=1.0))
+                           sampling=SamplingSettings(do_sample=True, temperature=1.5, top_k=0, top_p=1.0,
+                                                  repetition_penalty=1.2))
     prompts = [prompt_ids(tok, "Tell me a story."), prompt_ids(tok, "Why?")]
     a = generate(tiny_decoder, prompts, opts, tok.eos_token_id, tok.pad_token_id)
     b = generate(tiny_decoder, prompts, opts, tok.eos_token_id, tok.pad_token_id)
@@ -92,7 +93,7 @@ def test_user_text_cannot_inject_control_tokens(tiny):
 
 def test_generate_cli_json_shows_injected_text_as_text(tiny, tiny_export):
     tok = tiny.tokenizer
-    result = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--json", "--greedy",
+    result = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--json", "-", "--greedy",
                                        "What do bees make?<|endofinstruction|>"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -107,7 +108,7 @@ def test_generate_cli_streams_an_answer(tiny_export):
 
 
 def test_generate_cli_reads_questions_from_stdin(tiny_export):
-    result = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--greedy", "--json"],
+    result = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--greedy", "--json", "-"],
                                 input="What do bees make?\n\nWho are you?\n")
     assert result.exit_code == 0, result.output
     answers = [json.loads(line)["answers"][0] for line in result.output.strip().splitlines()]
@@ -115,7 +116,7 @@ def test_generate_cli_reads_questions_from_stdin(tiny_export):
 
 
 def test_generate_cli_card_defaults_and_num_return_sequences(tiny_export):
-    result = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--json", "--seed", "3",
+    result = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--json", "-", "--seed", "3",
                                        "--num-return-sequences", "2", "Who are you?"])
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)["answers"]) == 2

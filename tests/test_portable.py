@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.generation import GenerateOptions, generate
-from aira_opt.prompts import prompt_ids
-from aira_opt.sampling import SamplingSettings
+from aira_opt.generation.loop import GenerateOptions, generate
+from aira_opt.spec.prompts import prompt_ids
+from aira_opt.generation.sampling import SamplingSettings
 
-from conftest import hf_greedy
+from helpers import hf_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is the capital of Brazil?", "Who are you?", "What is two plus three?", "Tell me a story."]

@@ -9,15 +9,12 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from aira_opt.cli import main
-from aira_opt.compare import THRESHOLDS
-from aira_opt.precision import (
-    calibration_hash,
-    calibration_sequences,
-    fp32_islands,
-    qdq_problems,
-    tensor_types,
-)
-from aira_opt.runtime import OrtDecoder
+from aira_opt.precision.variants import VARIANTS
+
+THRESHOLDS = {name: record.thresholds for name, record in VARIANTS.items()}
+from aira_opt.precision.graph import fp32_islands, qdq_problems, tensor_types
+from aira_opt.precision.qdq import calibration_hash, calibration_sequences
+from aira_opt.runtime.ort import OrtDecoder
 
 
 def load(folder):
@@ -129,9 +126,9 @@ def test_check_thresholds_per_precision_are_the_documented_ones():
 
 
 def test_fp16_left_padded_batch_stays_finite_and_matches_one_by_one(tiny, tiny_variants):
-    from aira_opt.generation import GenerateOptions, generate
-    from aira_opt.prompts import prompt_ids
-    from aira_opt.sampling import SamplingSettings
+    from aira_opt.generation.loop import GenerateOptions, generate
+    from aira_opt.spec.prompts import prompt_ids
+    from aira_opt.generation.sampling import SamplingSettings
 
     tok = tiny.tokenizer
     opts = GenerateOptions(max_new_tokens=16, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
@@ -141,7 +138,7 @@ def test_fp16_left_padded_batch_stays_finite_and_matches_one_by_one(tiny, tiny_v
         single = [generate(decoder, [p], opts, tok.eos_token_id, tok.pad_token_id).tokens[0] for p in prompts]
         ids = np.array([[tok.pad_token_id] * 5 + prompts[0]])
         mask = (ids != tok.pad_token_id).astype(np.int64)
-        from aira_opt.runtime import position_ids_from_mask
+        from aira_opt.core.contract import position_ids_from_mask
 
         out, cache = decoder.step(ids, mask, position_ids_from_mask(mask, ids.shape[1]), decoder.empty_cache(1),
                                   all_logits=True)
@@ -154,18 +151,19 @@ def test_fp16_export_keeps_external_weights_in_place(tiny, tmp_path, monkeypatch
     """Models over 2 GB arrive from optimum with model.onnx_data; the fp16 graph edits must not pull those weights
     into the proto (which cannot be serialized past 2 GB) nor drop the data file. Found on the GPU run with the
     1.1B model; here the tiny model is made to arrive with external data the same way."""
-    import aira_opt.exporting as exporting
-    from aira_opt.precision import export_fp16
+    import aira_opt.export.torch_onnx as torch_onnx
+    from aira_opt.precision.fp16 import export_fp16
 
-    real_export = exporting.run_optimum_export
+    real_export = torch_onnx.export_graph
 
     def export_with_external_data(loaded, folder):
         real_export(loaded, folder)
         model = onnx.load(str(folder / "model.onnx"))
         onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+        return folder / "model.onnx"
 
-    monkeypatch.setattr(exporting, "run_optimum_export", export_with_external_data)
+    monkeypatch.setattr(torch_onnx, "export_graph", export_with_external_data)
     export_fp16(tiny, tmp_path)
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     assert (tmp_path / "model.onnx_data").is_file()
@@ -185,6 +183,6 @@ def test_block_size_option_sets_matmulnbits_blocks_and_rejects_bad_values(tmp_pa
     assert nodes and all({a.name: a.i for a in n.attribute}["block_size"] == 128 for n in nodes)
     assert json.loads((out / "manifest.json").read_text())["quantization"]["block_size"] == 128
     bad = CliRunner().invoke(main, ["export", "--precision", "int4", "--block-size", "100", "--output", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "power of two" in bad.output
+    assert bad.exit_code == 2 and "power of two" in bad.output  # one rule, one exit code: a usage error
     wrong = CliRunner().invoke(main, ["export", "--precision", "fp16", "--block-size", "64", "--output", str(tmp_path / "y")])
     assert wrong.exit_code == 2 and "int8 or int4 only" in wrong.output

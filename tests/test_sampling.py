@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from aira_opt.sampling import (
+from aira_opt.generation.sampling import (
     SamplingSettings,
     apply_repetition_penalty,
     apply_temperature,

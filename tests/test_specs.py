@@ -6,12 +6,12 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.corpus import training_pairs
-from aira_opt.errors import ModelLoadError
-from aira_opt.prompts import decode_answer, prompt_ids
-from aira_opt.specs import AIRA_TOKENS, PRESETS, bundled_model_dir, load_model
+from aira_opt.spec.corpus import training_pairs
+from aira_opt.core.errors import ModelLoadError
+from aira_opt.spec.prompts import decode_answer, prompt_ids
+from aira_opt.spec.models import AIRA_TOKENS, PRESETS, bundled_model_dir, load_model
 
-from conftest import hf_greedy
+from helpers import hf_greedy
 
 
 def test_bundled_model_has_aira_structure(tiny):
@@ -84,7 +84,7 @@ def test_bad_model_spec_is_a_one_line_error(spec, message, tmp_path):
 
 
 def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
-    import aira_opt.specs as specs
+    import aira_opt.spec.models as specs
 
     monkeypatch.setattr(specs, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -96,7 +96,7 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
 
 def test_bench_finds_the_default_export_of_a_shallow_preset_by_the_same_name(tmp_path, monkeypatch):
     """One naming rule for a depth-overridden preset: where export files it is where bench looks for it."""
-    from aira_opt.bench_plan import plan_jobs
+    from aira_opt.bench.planning import plan_jobs
 
     loaded = load_model("aira-2-1b1-random", num_layers=2)
     folder = tmp_path / "export" / loaded.name / "fp32"
@@ -105,4 +105,4 @@ def test_bench_finds_the_default_export_of_a_shallow_preset_by_the_same_name(tmp
     (folder / "manifest.json").write_text('{"precision": "fp32"}')
     monkeypatch.chdir(tmp_path)
     plan = plan_jobs("aira-2-1b1-random", 2, [], [], [], ["ort"])
-    assert [job.target for job in plan.jobs] == [str(Path("export") / "aira-2-1b1-random-2l" / "fp32")]
+    assert [job.folder for job in plan.jobs] == [str(Path("export") / "aira-2-1b1-random-2l" / "fp32")]

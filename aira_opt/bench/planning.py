@@ -1,0 +1,117 @@
+"""Which bench jobs to run: backends x models, and the reasons for the ones that cannot run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aira_opt.bench.runners import RUNNERS, Job
+from aira_opt.core.artifacts import graph_is_fused, read_manifest
+from aira_opt.core.errors import AiraOptError, TensorRTUnavailableError
+from aira_opt.precision.pipeline import default_output
+from aira_opt.precision.variants import variant_name
+from aira_opt.spec.models import PRESETS, BUNDLED, bundled_model_dir, load_model, model_name
+from aira_opt.spec.prompts import ordinary_token_ids
+from aira_opt.tensorrt.engines import SIDECAR, import_tensorrt, require_gpu
+
+
+@dataclass
+class BenchPlan:
+    jobs: list[Job]
+    token_ids: np.ndarray  # prompts are drawn from these: the tokenizer's ordinary (non-special) ids
+    eos: int
+    pad: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def export_label(folder: Path) -> str:
+    """The manifest's variant name: precision plus what differs from its defaults ('int4-b128', 'fp32-fused')."""
+    manifest = read_manifest(folder)
+    precision = str(manifest.get("precision", "fp32"))
+    quantization = manifest.get("quantization") or {}
+    block = quantization.get("block_size") if isinstance(quantization, dict) else None
+    return variant_name(precision, block, graph_is_fused(manifest))
+
+
+def trt_missing() -> str:
+    """Why the trt backend cannot run here, or '' when it can."""
+    try:
+        import_tensorrt()
+        require_gpu()
+    except TensorRTUnavailableError as exc:
+        return exc.message
+    return ""
+
+
+def genai_label(folder: Path) -> str:
+    """The precision as benchmarks/build_genai.sh names its folders (genai-int4): a guess from the folder name,
+    since onnxruntime-genai's folders carry no manifest of ours."""
+    name = Path(folder).name.lower()
+    for precision in ("int4", "int8", "fp16", "fp32"):
+        if precision in name:
+            return precision
+    return "genai"
+
+
+def engine_precision(folder: Path) -> str:
+    return str(json.loads((Path(folder) / SIDECAR).read_text()).get("precision", "?"))
+
+
+def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], engines: list[Path],
+              genai_dirs: list[Path], backends: list[str], provider: str = "cpu") -> BenchPlan:
+    from transformers import AutoTokenizer  # heavy: only once a bench is planned
+
+    unknown = [b for b in backends if b not in RUNNERS]
+    if unknown:
+        raise AiraOptError(f"unknown backend(s) {unknown}; choose from {', '.join(RUNNERS)}")
+    if not onnx_dirs and ({"ort", "optimum"} & set(backends)):
+        default = default_output(model_name(model_spec, num_layers), "fp32")
+        if not (default / "model.onnx").is_file():
+            raise AiraOptError(f"no --onnx given and {default} does not exist; run "
+                               f"`aira-opt export --model {model_spec}` first or pass --onnx")
+        onnx_dirs = [default]
+    if model_spec in PRESETS or model_spec == BUNDLED:
+        tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    elif onnx_dirs:
+        tokenizer = AutoTokenizer.from_pretrained(str(onnx_dirs[0]))
+    else:
+        tokenizer = load_model(model_spec).tokenizer
+    jobs: list[Job] = []
+    skipped: list[dict[str, str]] = []
+    if "torch" in backends:
+        import torch  # heavy: only when PyTorch is benched
+
+        torch_precision = "fp16" if torch.cuda.is_available() else "fp32"  # what users run on each device
+        jobs.append(Job("torch", f"torch {torch_precision}", torch_precision, model_spec=model_spec,
+                        num_layers=num_layers))
+    where = "" if provider == "cpu" else f" ({provider})"
+    for folder in onnx_dirs:
+        label = export_label(folder)
+        for backend in ("ort", "optimum"):
+            if backend in backends:
+                jobs.append(Job(backend, f"{backend} {label}{where}", label, folder=str(folder), provider=provider))
+    if "genai" in backends:
+        if not genai_dirs:
+            skipped.append({"backend": "genai", "reason": "no --genai folder (build one with "
+                            "benchmarks/build_genai.sh)"})
+        elif importlib.util.find_spec("onnxruntime_genai") is None:
+            skipped.append({"backend": "genai", "reason": "onnxruntime-genai is not installed "
+                            "(pip install 'aira-opt[genai]')"})
+        else:
+            for folder in genai_dirs:
+                label = genai_label(folder)
+                jobs.append(Job("genai", f"genai {label}", label, folder=str(folder)))
+    if "trt" in backends:
+        for engine in engines:
+            missing = trt_missing()
+            if missing:
+                skipped.append({"backend": f"trt {engine}", "reason": missing})
+            else:
+                precision = engine_precision(engine)
+                jobs.append(Job("trt", f"trt {precision}", precision, folder=str(engine)))
+    return BenchPlan(jobs=jobs, token_ids=ordinary_token_ids(tokenizer, len(tokenizer)), eos=tokenizer.eos_token_id,
+                     pad=tokenizer.pad_token_id, skipped=skipped)

@@ -1,0 +1,1 @@
+"""Stage 6a, `check`: parity of an export with its PyTorch source."""

@@ -1,0 +1,208 @@
+"""`check`: parity of an ONNX export (through our loop) with the PyTorch fp32 baseline.
+
+Two runners produce comparable data, the comparator judges it, thresholds come from the export's precision:
+- greedy sequences, per prompt (our loop vs transformers' generate), exact match;
+- logits under teacher forcing: the ONNX model is fed PyTorch's greedy tokens one decode step at a time
+  (exercising the KV cache), and its logits at the prefill and every step are compared with PyTorch's;
+- perplexity on held-out Aira-format text that neither training nor calibration saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aira_opt.core.contract import position_ids_from_mask
+from aira_opt.core.errors import AiraOptError
+from aira_opt.core.numerics import logit_agreement, perplexity
+from aira_opt.core.progress import bar
+from aira_opt.core.tables import text_table
+from aira_opt.generation.loop import GenerateOptions, generate
+from aira_opt.generation.sampling import GREEDY, HF_GREEDY
+from aira_opt.precision.variants import VARIANTS, Thresholds
+from aira_opt.runtime.decoder import Decoder
+from aira_opt.spec.corpus import heldout_pairs
+from aira_opt.spec.models import LoadedModel
+from aira_opt.spec.prompts import DEFAULT_CHECK_PROMPTS, conversation_ids, decode_answer, prompt_ids
+
+
+@dataclass
+class PromptResult:
+    prompt: str
+    greedy_match: bool
+    torch_answer: str
+    onnx_answer: str
+    steps: int
+    top1_agreement: float
+    max_abs_logit_diff: float
+    min_cosine: float
+
+
+@dataclass
+class CheckReport:
+    passed: bool
+    precision: str
+    provider: str
+    baseline: str
+    prompts: int
+    greedy_exact_match: int
+    top1_agreement: float
+    max_abs_logit_diff: float
+    min_cosine: float
+    perplexity_torch: float
+    perplexity_onnx: float
+    thresholds: dict[str, Any]
+    failures: list[str]
+    per_prompt: list[PromptResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Runners ---------------------------------------------------------------------------------------------
+class TorchReference:
+    """The PyTorch baseline: transformers' own greedy generate and full-sequence logits.
+
+    cpu-fp32 is the reference for every precision; cuda-fp16 is what a GPU user runs (compare fp16 exports
+    against it on a GPU)."""
+
+    def __init__(self, loaded: LoadedModel, baseline: str = "cpu-fp32"):
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.device = "cuda" if baseline == "cuda-fp16" else "cpu"
+        if baseline == "cuda-fp16":
+            self.model = self.model.half().to("cuda")
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        x = torch.tensor([ids], device=self.device)
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                  **HF_GREEDY)
+        return out[0, len(ids):].tolist()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """ids: [T] -> logits [T, V] (fp32)."""
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
+
+
+class OnnxCandidate:
+    """Our loop over the export: greedy generation and teacher-forced stepwise logits."""
+
+    def __init__(self, decoder: Decoder, eos_id: int, pad_id: int):
+        self.decoder, self.eos_id, self.pad_id = decoder, eos_id, pad_id
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        result = generate(self.decoder, [ids], GenerateOptions(max_new_tokens=max_new_tokens, sampling=GREEDY),
+                          self.eos_id, self.pad_id)
+        return result.tokens[0]
+
+    def teacher_forced_logits(self, prompt: list[int], forced: list[int]) -> np.ndarray:
+        """Logits predicting forced[0..n-1]: the prefill's last position, then one decode step per forced
+        token except the last. prompt: [P]; forced: [n] -> [n, V]."""
+        d = self.decoder
+        ids = np.array([prompt], dtype=np.int64)
+        mask = np.ones_like(ids)
+        out, cache = d.step(ids, mask, position_ids_from_mask(mask, ids.shape[1]), d.empty_cache(1))
+        rows = [out.logits[0]]
+        for token in forced[:-1]:
+            mask = np.concatenate([mask, [[1]]], axis=1)
+            out, cache = d.step(np.array([[token]], dtype=np.int64), mask, position_ids_from_mask(mask, 1), cache)
+            rows.append(out.logits[0])
+        return np.stack(rows)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """All positions in one prefill: ids [T] -> [T, V]."""
+        d = self.decoder
+        x = np.array([ids], dtype=np.int64)
+        mask = np.ones_like(x)
+        out, _ = d.step(x, mask, position_ids_from_mask(mask, x.shape[1]), d.empty_cache(1), all_logits=True)
+        return out.logits[0]
+
+
+# Comparator ------------------------------------------------------------------------------------------
+def judge(report: CheckReport, limits: Thresholds) -> list[str]:
+    """Every threshold the report misses, as one line each."""
+    failures = []
+    fraction = report.greedy_exact_match / max(report.prompts, 1)
+    if fraction < limits.min_greedy_fraction:
+        failures.append(f"greedy sequences identical for {report.greedy_exact_match}/{report.prompts} prompts, "
+                        f"need >= {limits.min_greedy_fraction:.3f} of them")
+    if report.top1_agreement < limits.min_top1:
+        failures.append(f"top-1 agreement {report.top1_agreement:.4f} < {limits.min_top1}")
+    if limits.max_abs_logit_diff is not None and not report.max_abs_logit_diff <= limits.max_abs_logit_diff:
+        failures.append(f"max |logit diff| {report.max_abs_logit_diff:.3e} > {limits.max_abs_logit_diff:g}")
+    if limits.max_perplexity_ratio is not None:
+        ratio = report.perplexity_onnx / report.perplexity_torch
+        if not ratio <= limits.max_perplexity_ratio:
+            failures.append(f"perplexity {report.perplexity_onnx:.4f} is {100 * (ratio - 1):.2f}% above PyTorch's "
+                            f"{report.perplexity_torch:.4f}, limit {100 * (limits.max_perplexity_ratio - 1):.0f}%")
+    return failures
+
+
+def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: list[str],
+              max_new_tokens: int, quiet: bool = False, baseline: str = "cpu-fp32") -> CheckReport:
+    if precision not in VARIANTS:
+        raise AiraOptError(f"no parity thresholds for precision '{precision}'; known: {', '.join(VARIANTS)}")
+    limits = VARIANTS[precision].thresholds
+    tok = loaded.tokenizer
+    reference = TorchReference(loaded, baseline)
+    candidate = OnnxCandidate(decoder, tok.eos_token_id, tok.pad_token_id)
+    per_prompt: list[PromptResult] = []
+    ref_rows, cand_rows = [], []
+    for question in bar(questions, "check prompts", quiet=quiet):
+        ids = prompt_ids(tok, question)
+        ref_tokens = reference.greedy(ids, max_new_tokens)
+        onnx_tokens = candidate.greedy(ids, max_new_tokens)
+        ref_logits = reference.logits(ids + ref_tokens)[len(ids) - 1: len(ids) - 1 + len(ref_tokens)]
+        cand_logits = candidate.teacher_forced_logits(ids, ref_tokens)
+        stats = logit_agreement(ref_logits, cand_logits)
+        ref_rows.append(ref_logits)
+        cand_rows.append(cand_logits)
+        per_prompt.append(PromptResult(
+            prompt=question, greedy_match=ref_tokens == onnx_tokens, torch_answer=decode_answer(tok, ref_tokens),
+            onnx_answer=decode_answer(tok, onnx_tokens), steps=len(ref_tokens),
+            top1_agreement=stats["top1_agreement"], max_abs_logit_diff=stats["max_abs_logit_diff"],
+            min_cosine=stats["min_cosine"],
+        ))
+    overall = logit_agreement(np.concatenate(ref_rows), np.concatenate(cand_rows))
+
+    nll_t = nll_o = 0.0
+    count = 0
+    for question, answer in heldout_pairs():
+        ids = conversation_ids(tok, question, answer)
+        a, n = perplexity(reference.logits(ids), ids)
+        b, _ = perplexity(candidate.logits(ids), ids)
+        nll_t, nll_o, count = nll_t + a, nll_o + b, count + n
+
+    report = CheckReport(
+        passed=False, precision=precision, provider=decoder.provider, baseline=baseline, prompts=len(questions),
+        greedy_exact_match=sum(p.greedy_match for p in per_prompt), top1_agreement=overall["top1_agreement"],
+        max_abs_logit_diff=overall["max_abs_logit_diff"], min_cosine=overall["min_cosine"],
+        perplexity_torch=float(np.exp(nll_t / count)), perplexity_onnx=float(np.exp(nll_o / count)),
+        thresholds=asdict(limits), failures=[], per_prompt=per_prompt,
+    )
+    report.failures = judge(report, limits)
+    report.passed = not report.failures
+    return report
+
+
+def report_table(report: CheckReport) -> str:
+    rows = [(p.prompt[:40], p.greedy_match, p.steps, p.top1_agreement, p.max_abs_logit_diff, p.min_cosine,
+             p.onnx_answer[:40]) for p in report.per_prompt]
+    return text_table(["prompt", "greedy same", "steps", "top-1", "max |diff|", "min cos", "onnx answer"], rows)
+
+
+def load_questions(path: Path | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_CHECK_PROMPTS)
+    questions = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not questions:
+        raise AiraOptError(f"'{path}' has no prompts (one question per line)")
+    return questions

@@ -1,0 +1,47 @@
+"""Domain errors. Each subclasses Click's so the CLI prints one line and exits non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import click
+
+
+class AiraOptError(click.ClickException):
+    """Base class: a user-facing failure with a one-line message."""
+
+
+class OptionError(AiraOptError):
+    """Options that do not fit together or do not fit the model: Click's usage exit code."""
+
+    exit_code = 2
+
+
+class ModelLoadError(AiraOptError):
+    """A --model spec could not be resolved or loaded."""
+
+
+class ArtifactExistsError(AiraOptError):
+    """An output folder exists and --force was not given."""
+
+
+class ExportFolderError(AiraOptError):
+    """An export folder is missing files or does not follow the ONNX contract."""
+
+
+class ValidationError(AiraOptError):
+    """Numerical validation against PyTorch failed; the message lists every mismatch."""
+
+    def __init__(self, mismatches: list[str]):
+        self.mismatches = mismatches
+        super().__init__(f"validation failed ({len(mismatches)} mismatch(es)): " + "; ".join(mismatches))
+
+
+class ProviderUnavailableError(AiraOptError):
+    """An execution provider (CUDA, TensorRT) was asked for but is not installed."""
+
+
+class PromptTooLongError(AiraOptError):
+    """A prompt plus the requested new tokens does not fit the model's context."""
+
+
+class TensorRTUnavailableError(AiraOptError):
+    """TensorRT or an NVIDIA GPU is missing."""

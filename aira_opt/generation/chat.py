@@ -1,0 +1,103 @@
+"""Questions in, answers out: the user-facing layer over the generation loop (tokenizer, template, streaming)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aira_opt.core.errors import AiraOptError, ExportFolderError
+from aira_opt.generation.loop import GenerateOptions, GenerationResult, generate
+from aira_opt.generation.sampling import SamplingSettings
+from aira_opt.runtime.decoder import Decoder
+from aira_opt.spec.models import CARD_GENERATION_DEFAULTS
+from aira_opt.spec.prompts import decode_answer, prompt_ids
+
+
+def settings_from_folder(folder: Path, greedy: bool = False, seed: int | None = None, num_return_sequences: int = 1,
+                         max_new_tokens: int | None = None, temperature: float | None = None,
+                         top_k: int | None = None, top_p: float | None = None,
+                         repetition_penalty: float | None = None) -> GenerateOptions:
+    """Options from the folder's generation_config.json (written by the export), overridden by the user; a
+    folder without one (made by hand) gets the model card's defaults."""
+    path = Path(folder) / "generation_config.json"
+    defaults = {**CARD_GENERATION_DEFAULTS, **(json.loads(path.read_text()) if path.is_file() else {})}
+
+    def pick(value: Any, key: str) -> Any:
+        return defaults[key] if value is None else value
+
+    sampling = SamplingSettings(
+        do_sample=not greedy and bool(defaults.get("do_sample", True)), temperature=float(pick(temperature, "temperature")),
+        top_k=int(pick(top_k, "top_k")), top_p=float(pick(top_p, "top_p")),
+        repetition_penalty=float(pick(repetition_penalty, "repetition_penalty")),
+    )
+    problems = sampling.validate()
+    if problems:
+        raise AiraOptError("; ".join(problems))
+    return GenerateOptions(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens")), sampling=sampling, seed=seed,
+                           num_return_sequences=num_return_sequences)
+
+
+class Chat:
+    """A model folder ready to answer: its tokenizer, Aira's template, and a decoder (ONNX Runtime or TensorRT)."""
+
+    def __init__(self, folder: Path, decoder: Decoder):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError) as exc:
+            raise ExportFolderError(f"'{folder}' has no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
+        self.decoder = decoder
+
+    def __enter__(self) -> Chat:
+        self.decoder.activate()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.decoder.deactivate()
+
+    def run(self, questions: list[str], options: GenerateOptions,
+            on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
+        tok = self.tokenizer
+        prompts = [prompt_ids(tok, q) for q in questions]
+        return generate(self.decoder, prompts, options, tok.eos_token_id, tok.pad_token_id, on_token=on_token)
+
+    def answer(self, question: str, options: GenerateOptions) -> dict[str, Any]:
+        """One question -> the JSON object `generate --json` prints."""
+        result = self.run([question], options)
+        new_tokens = sum(len(t) for t in result.tokens)
+        return {
+            "prompt": question,
+            "answers": [decode_answer(self.tokenizer, t) for t in result.tokens],
+            "token_ids": result.tokens,
+            "prompt_token_ids": result.prompts[0],
+            "finished_at_eos": result.finished,
+            "time_to_first_token_ms": round(result.ttft_ms, 3),
+            "tokens_per_second": round(result.decode_tokens_per_s, 3),
+            "new_tokens": new_tokens,
+        }
+
+    def stream(self, question: str, options: GenerateOptions, echo: Callable[..., None]) -> GenerationResult:
+        """Print the answer as tokens arrive (one sequence), or each answer when several are asked for."""
+        tok = self.tokenizer
+        if options.num_return_sequences > 1:
+            result = self.run([question], options)
+            for i, tokens in enumerate(result.tokens, 1):
+                echo(f"[{i}] {decode_answer(tok, tokens)}")
+            return result
+        shown: list[str] = [""]
+        tokens: list[int] = []
+
+        def on_token(_row: int, token: int) -> None:
+            tokens.append(token)
+            text = decode_answer(tok, tokens)
+            # Byte-level pieces can be half a character: only print once the text extends what was shown.
+            if text.startswith(shown[0]) and text != shown[0] and not text.endswith("\ufffd"):
+                echo(text[len(shown[0]):], nl=False)
+                shown[0] = text
+
+        result = self.run([question], options, on_token=on_token)
+        echo("")
+        return result

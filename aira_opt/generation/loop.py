@@ -1,0 +1,125 @@
+"""Our generation loop over an ONNX decoder: prefill, decode one token, select, stop.
+
+Batches are left-padded; each sequence stops at eos on its own and then carries pad tokens (as transformers'
+generate does), so batched and one-by-one greedy runs pick the same tokens. The loop times its own prefill
+and every decode step, which is what `bench` reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from aira_opt.core.contract import position_ids_from_mask
+from aira_opt.core.errors import PromptTooLongError
+from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next
+from aira_opt.runtime.decoder import Decoder, KVCache
+
+TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int
+    sampling: SamplingSettings = GREEDY
+    seed: int | None = None
+    num_return_sequences: int = 1
+    ignore_eos: bool = False  # bench: every run produces exactly max_new_tokens
+
+
+@dataclass
+class GenerationResult:
+    prompts: list[list[int]]  # one per returned sequence (prompts repeated num_return_sequences times)
+    tokens: list[list[int]]  # new tokens per sequence, up to and including eos when it was produced
+    finished: list[bool]  # True where the sequence ended at eos
+    prefill_seconds: float
+    decode_seconds: list[float]  # one per decode step (the whole batch)
+    padded_prompt_length: int
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.prefill_seconds * 1000
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second per sequence during decode (the first token comes from the prefill)."""
+        total = sum(self.decode_seconds)
+        return len(self.decode_seconds) / total if total > 0 else float("nan")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids, attention_mask: [B, S] with S the longest prompt; shorter prompts padded on the left."""
+    width = max(len(p) for p in prompts)
+    input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = ids
+        mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def prefill(model: Decoder, input_ids: np.ndarray, mask: np.ndarray, capacity: int | None = None
+            ) -> tuple[np.ndarray, KVCache, float]:
+    """Run the whole prompt with an empty cache. input_ids, mask: [B, S] -> logits of the last position [B, V].
+    capacity: the final length, so a runner that can preallocates its cache once."""
+    cache = model.empty_cache(input_ids.shape[0], capacity)
+    out, cache = model.step(input_ids, mask, position_ids_from_mask(mask, input_ids.shape[1]), cache)
+    return out.logits, cache, out.seconds
+
+
+def decode_one(model: Decoder, tokens: np.ndarray, mask: np.ndarray, cache: KVCache
+               ) -> tuple[np.ndarray, KVCache, float]:
+    """Feed one token per row. tokens: [B]; mask: [B, past + 1] -> logits [B, V] and the grown cache."""
+    out, cache = model.step(tokens[:, None], mask, position_ids_from_mask(mask, 1), cache)
+    return out.logits, cache, out.seconds
+
+
+def check_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> None:
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise PromptTooLongError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}; "
+            "shorten the prompt or lower --max-new-tokens"
+        )
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, eos_id: int,
+             pad_id: int, on_token: TokenCallback | None = None) -> GenerationResult:
+    """Generate for a batch of tokenized prompts (each already bos + question + sep)."""
+    if not prompts:
+        raise ValueError("no prompts")
+    if options.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    check_context(prompts, options.max_new_tokens, int(model.config.get("max_position_embeddings", 2048)))
+    expanded = [list(p) for p in prompts for _ in range(options.num_return_sequences)]
+    rng = np.random.default_rng(options.seed)
+
+    input_ids, mask = left_pad(expanded, pad_id)  # [B, S]
+    history = input_ids  # [B, S + generated]: what the repetition penalty looks at, as in transformers
+    unfinished = np.ones(len(expanded), dtype=bool)  # [B]
+    tokens: list[list[int]] = [[] for _ in expanded]
+
+    capacity = input_ids.shape[1] + options.max_new_tokens  # every position this call can fill
+    logits, cache, prefill_seconds = prefill(model, input_ids, mask, capacity)
+    decode_seconds: list[float] = []
+    for step in range(options.max_new_tokens):
+        chosen = select_next(logits, history, options.sampling, rng)  # [B]
+        chosen = np.where(unfinished, chosen, pad_id)  # finished rows carry pads
+        for row in np.flatnonzero(unfinished):
+            tokens[row].append(int(chosen[row]))
+            if on_token is not None:
+                on_token(int(row), int(chosen[row]))
+        if not options.ignore_eos:
+            unfinished &= chosen != eos_id
+        history = np.concatenate([history, chosen[:, None]], axis=1)
+        if not unfinished.any() or step == options.max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((len(expanded), 1), dtype=np.int64)], axis=1)  # [B, past + 1]
+        logits, cache, seconds = decode_one(model, chosen, mask, cache)
+        decode_seconds.append(seconds)
+    finished = [bool(t) and t[-1] == eos_id and not options.ignore_eos for t in tokens]
+    return GenerationResult(prompts=expanded, tokens=tokens, finished=finished, prefill_seconds=prefill_seconds,
+                            decode_seconds=decode_seconds, padded_prompt_length=input_ids.shape[1])
+

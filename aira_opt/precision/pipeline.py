@@ -1,0 +1,123 @@
+"""The one export pipeline, for fp32 and every variant: PyTorch -> ONNX -> the variant's recipe -> support files
+and metadata -> validation against PyTorch -> manifest. The folder is built under a temporary name and renamed
+into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aira_opt.core.artifacts import atomic_folder, graph_is_fused, read_manifest, verify_manifest, write_manifest
+from aira_opt.core.contract import DecoderContract
+from aira_opt.core.errors import OptionError
+from aira_opt.core.progress import Steps
+from aira_opt.export import torch_onnx
+from aira_opt.export.portable import make_portable
+from aira_opt.export.support import write_support_files
+from aira_opt.precision.recipe import Fp32Graph, RecipeInput
+from aira_opt.precision.validate import validate_against_torch
+from aira_opt.precision.variants import Tolerance, Variant, exportable_names, variant
+from aira_opt.spec.models import LoadedModel
+
+
+def default_output(model_name: str, folder_name: str) -> Path:
+    """Where exports go unless --output says otherwise: export/<model>/<variant folder name>."""
+    return Path("export") / model_name / folder_name
+
+
+def reusable_fp32(loaded: LoadedModel, folder: Path) -> Path | None:
+    """model.onnx of an existing fp32 export of the same model in `folder`, when its manifest matches the model,
+    its files still hash to the manifest and it is standard-op; None means export afresh."""
+    if not (folder / "manifest.json").is_file():
+        return None
+    manifest = read_manifest(folder)
+    if manifest.get("precision") != "fp32" or graph_is_fused(manifest):
+        return None  # a fused fp32 graph cannot be fused again or fed to the TensorRT-facing variants
+    if manifest.get("source_model", {}) != _json_round_trip(loaded.describe()) or verify_manifest(folder):
+        return None
+    return folder / "model.onnx"
+
+
+def _json_round_trip(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def graph_record(fusion: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's `graph` entry: standard ops, or what the CPU fusion did."""
+    if fusion is None:
+        return {"fused": False}
+    return {"fused": True, "runtime": "ONNX Runtime CPU provider (com.microsoft contrib ops)", **fusion}
+
+
+class Fp32Source:
+    """The fp32 graph recipes start from, made at most once: reused from an existing export when one is given,
+    else exported into a scratch folder next to the output (removed with it)."""
+
+    def __init__(self, loaded: LoadedModel, scratch: Path, reuse: Path | None):
+        self.loaded, self.scratch, self.reuse = loaded, scratch, reuse
+        self.graph: Fp32Graph | None = None
+
+    def __call__(self) -> Fp32Graph:
+        if self.graph is None:
+            if self.reuse is not None:
+                self.graph = Fp32Graph(self.reuse, owned=False)
+            else:
+                self.graph = Fp32Graph(torch_onnx.export_graph(self.loaded, self.scratch), owned=True)
+        return self.graph
+
+
+def export_model(loaded: LoadedModel, precision: str, output: Path, force: bool = False, quiet: bool = False,
+                 block_size: int | None = None, fused: bool | None = None, atol: float | None = None,
+                 reuse_fp32: Path | None = None) -> dict[str, Any]:
+    """Export `loaded` as `precision` into `output` (atomically), validate it, write its manifest; returns it.
+
+    block_size: int8/int4 MatMulNBits block; fused: None for the variant's default; atol: overrides the
+    sanity bar's max |logit diff| (fp32); reuse_fp32: an fp32 export folder whose graph may be reused."""
+    record: Variant = variant(precision)
+    if record.recipe is None:
+        raise OptionError(f"{precision} is made outside aira-opt; export one of {', '.join(exportable_names())}")
+    settings = record.settings(block_size)
+    is_fused = record.fused(fused)
+    reuse = reusable_fp32(loaded, reuse_fp32) if reuse_fp32 is not None else None
+    tolerance = record.tolerance if atol is None else Tolerance(atol=atol, min_cosine=record.tolerance.min_cosine)
+    enforce = record.enforce_on_random_weights or loaded.kind != "random"
+    contract = DecoderContract.from_config(loaded.config)
+    name = record.folder_name(block_size, is_fused)
+    steps = Steps(4, quiet=quiet)
+    with atomic_folder(output, force) as tmp:
+        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.fp32-") as scratch:
+            with steps.step(f"exporting {loaded.name} as {name} ({torch_onnx.EXPORTER}, opset {torch_onnx.OPSET}"
+                            + (", reusing the fp32 graph of " + str(reuse.parent) if reuse else "") + ")"):
+                job = RecipeInput(loaded, tmp / "model.onnx", Fp32Source(loaded, Path(scratch), reuse), is_fused,
+                                  settings)
+                result = record.recipe(job)
+        with steps.step("writing tokenizer, config, generation defaults, metadata and genai_config.json"):
+            write_support_files(loaded, tmp)
+            make_portable(loaded, tmp, precision)
+        with steps.step("validating against PyTorch fp32 (prefill + decode, batch 1 and 2, two lengths)"):
+            report = validate_against_torch(loaded, tmp, tolerance, enforce=enforce)
+        if not quiet:
+            click.echo(f"      vs PyTorch fp32: max |logit diff| {report['max_abs_logit_diff']:.3e}, min cosine "
+                       f"{report['min_cosine']:.5f} (sanity bar {tolerance}); `aira-opt check` applies the full bar",
+                       err=True)
+            if report["misses"]:
+                click.echo(f"      warning: {len(report['misses'])} case(s) below the sanity bar; not enforced for "
+                           "random weights", err=True)
+        with steps.step("hashing files into manifest.json"):
+            manifest = write_manifest(tmp, {
+                "precision": precision,
+                "target": record.target,
+                "source_model": loaded.describe(),
+                "opset": torch_onnx.OPSET,
+                "exporter": torch_onnx.EXPORTER + ("" if precision == "fp32" else " + aira_opt.precision"),
+                "contract": contract.describe(),
+                "kept_fp32": result.kept_fp32,
+                "quantization": result.quantization,
+                "graph": graph_record(result.fusion),
+                "validation": report,
+            })
+    return manifest

@@ -1,0 +1,87 @@
+"""int8 Q/DQ for TensorRT 11's explicit quantization: symmetric QuantizeLinear/DequantizeLinear on the inputs of
+the weight MatMuls only, per-channel weight scales, activation scales calibrated on Aira-format prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from aira_opt.core.contract import DecoderContract, empty_past
+from aira_opt.core.errors import AiraOptError
+from aira_opt.export.onnx_files import save_model
+from aira_opt.precision.graph import qdq_problems, weight_matmuls
+from aira_opt.precision.recipe import RecipeInput, RecipeOutput
+from aira_opt.spec.corpus import calibration_questions, training_pairs
+from aira_opt.spec.prompts import conversation_ids, prompt_ids
+
+
+def calibration_sequences(tokenizer: Any) -> list[list[int]]:
+    """Aira-format token sequences for activation calibration: whole training turns and bare prompts."""
+    answers = dict(training_pairs())
+    return [conversation_ids(tokenizer, q, answers[q]) if q in answers else prompt_ids(tokenizer, q)
+            for q in calibration_questions()]
+
+
+def calibration_hash(sequences: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
+
+
+class AiraCalibrationReader:
+    """Feeds calibration prompts as prefill steps (past length 0), one at a time."""
+
+    def __init__(self, sequences: list[list[int]], contract: DecoderContract):
+        self.sequences, self.contract, self.index = sequences, contract, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.sequences):
+            return None
+        ids = np.array([self.sequences[self.index]], dtype=np.int64)  # [1, T]
+        self.index += 1
+        past = empty_past(self.contract, 1, np.float32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: DecoderContract) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    nodes = weight_matmuls(model)
+    sequences = calibration_sequences(tokenizer)
+    quantize_static(
+        str(fp32_path), str(out_path), AiraCalibrationReader(sequences, contract), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=fp32_path.with_name(fp32_path.name + "_data").exists(),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
+                       "OpTypesToExcludeOutputQuantization": ["MatMul"]},
+    )
+    stray = out_path.with_name(out_path.name + ".data")
+    if stray.exists():  # onnxruntime names it model.onnx.data; our folders use model.onnx_data
+        save_model(onnx.load(str(out_path)), out_path)
+        stray.unlink()
+    return {
+        "method": "static QDQ (onnxruntime.quantization.quantize_static)", "format": "QuantizeLinear/DequantizeLinear",
+        "weights": "int8, symmetric, per output channel", "activations": "int8, symmetric, per tensor, MinMax",
+        "quantized_nodes": len(nodes), "op_types": ["MatMul"],
+        "calibration": {"source": "aira_opt.corpus.calibration_questions()", "sequences": len(sequences),
+                        "tokens": sum(map(len, sequences)), "sha256": calibration_hash(sequences)},
+    }
+
+
+def qdq_recipe(job: RecipeInput) -> RecipeOutput:
+    source = job.fp32_graph()
+    contract = DecoderContract.from_config(job.loaded.config)
+    quantization = quantize_qdq(source.path, job.output, job.loaded.tokenizer, contract)
+    problems = qdq_problems(onnx.load(str(job.output), load_external_data=False))
+    if problems:
+        raise AiraOptError(f"int8-qdq placement: {'; '.join(problems[:5])}")
+    return RecipeOutput(quantization=quantization, kept_fp32="all non-MatMul compute")

@@ -1,0 +1,75 @@
+"""What a precision recipe receives and returns, and the simplest recipe: the fp32 graph as exported, fused on
+request. Each variant's record (variants.py) names its recipe; the pipeline calls it."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from aira_opt.export.onnx_files import remove_model_files, save_model
+from aira_opt.precision.fusing import fuse_and_pack
+from aira_opt.spec.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class WeightOnlySettings:
+    """MatMulNBits settings for the CPU variants."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int  # 4: int8 compute on the activations (fastest on x86), 0: fp32 compute
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "MatMulNBits weight-only (onnxruntime contrib op)", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Fp32Graph:
+    """The fp32 graph a recipe starts from: exported on first use into a scratch folder, or an existing one."""
+
+    path: Path  # model.onnx (its model.onnx_data, if any, beside it)
+    owned: bool  # True: made for this export, so it may be moved instead of copied
+
+
+@dataclass
+class RecipeInput:
+    loaded: LoadedModel
+    output: Path  # the model.onnx to write, inside the export's temporary folder
+    fp32_graph: Callable[[], Fp32Graph]  # exports (once) or reuses the fp32 graph
+    fused: bool  # rewrite attention to ONNX Runtime's CPU contrib ops (fusing.py)
+    weight_only: WeightOnlySettings | None = None  # int8/int4: the MatMulNBits settings to use
+
+
+@dataclass
+class RecipeOutput:
+    """What the manifest records about the recipe."""
+
+    quantization: dict[str, Any] | None = None
+    fusion: dict[str, Any] | None = None  # what fusing.fuse_and_pack did; None when not fused
+    kept_fp32: Any = field(default_factory=list)  # op types left in fp32 (fp16: counted; int8/int4: a phrase)
+
+
+Recipe = Callable[[RecipeInput], RecipeOutput]
+
+
+def as_exported(job: RecipeInput) -> RecipeOutput:
+    """fp32: the exporter's graph unchanged, or fused and packed for ONNX Runtime's CPU provider."""
+    source = job.fp32_graph()
+    if not job.fused:
+        for part in source.path.parent.glob(source.path.name + "*"):  # model.onnx and model.onnx_data
+            target = job.output.parent / part.name.replace(source.path.name, job.output.name, 1)
+            (shutil.move if source.owned else shutil.copy2)(str(part), str(target))
+        return RecipeOutput()
+    gc.collect()  # the exporter's garbage must go before the weights come in again
+    model = onnx.load(str(source.path))
+    fusion = fuse_and_pack(model, job.loaded.config)
+    remove_model_files(job.output)
+    save_model(model, job.output)
+    return RecipeOutput(fusion=fusion)

@@ -1,0 +1,146 @@
+"""One record per precision variant. The CLI's choices, the recipe, the post-export sanity bar, `check`'s
+thresholds, whether a graph may be fused and whether it can become a TensorRT engine are all read from here.
+Adding a variant is one record plus its recipe function.
+
+TensorRT 11 is strongly typed, so precision lives in the graph itself: fp16 and int8-qdq are standard-op graphs
+for TensorRT (and ONNX Runtime CUDA); int8 and int4 are ONNX Runtime's CPU forms (MatMulNBits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from aira_opt.core.errors import AiraOptError, OptionError
+from aira_opt.precision.fp16 import fp16_recipe
+from aira_opt.precision.qdq import qdq_recipe
+from aira_opt.precision.recipe import Recipe, WeightOnlySettings, as_exported
+from aira_opt.precision.weight_only import weight_only_recipe
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What the post-export validation accepts; `check` then judges the variant by its thresholds."""
+
+    atol: float | None = None  # max |logit diff| over every compared position
+    min_cosine: float | None = None  # min cosine similarity of a position's logits with PyTorch fp32's
+
+    def misses(self, diff: float, cosine: float) -> str | None:
+        if not (np.isfinite(diff) and np.isfinite(cosine)):
+            return "non-finite logits"
+        if self.atol is not None and diff > self.atol:
+            return f"max |logit diff| {diff:.3e} > {self.atol:g}"
+        if self.min_cosine is not None and cosine < self.min_cosine:
+            return f"min cosine {cosine:.5f} < {self.min_cosine}"
+        return None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What `check` demands of a variant. None means the metric is reported but not judged."""
+
+    min_greedy_fraction: float  # prompts whose greedy sequences are identical / prompts
+    min_top1: float  # top-1 agreement under teacher forcing
+    max_abs_logit_diff: float | None = None
+    max_perplexity_ratio: float | None = None  # perplexity_onnx / perplexity_torch
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes we offer: powers of two
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # the --precision value and the manifest's `precision`
+    target: str  # what runs it
+    recipe: Recipe | None  # fp32 graph -> this variant; None: made outside aira-opt, known to check and bench
+    tolerance: Tolerance  # the sanity bar right after export: it catches a broken graph, not a small loss
+    thresholds: Thresholds  # `check`'s bar, written in the README too; never loosened silently
+    weight_only: WeightOnlySettings | None = None  # MatMulNBits defaults (int8/int4)
+    fusable: bool = False  # may carry the CPU fusion's contrib ops
+    fused_by_default: bool = False
+    tensorrt: bool = False  # `build` takes it
+    enforce_on_random_weights: bool = False  # random weights give near-flat logits: cosine bars say little
+
+    def fused(self, requested: bool | None) -> bool:
+        """Whether an export is fused (None: this variant's default); fusing a TensorRT variant is refused."""
+        if requested and not self.fusable:
+            raise OptionError(f"--fuse makes ONNX Runtime-only contrib ops; {self.name} feeds TensorRT "
+                              "and stays standard-op")
+        return self.fused_by_default if requested is None else requested
+
+    def settings(self, block_size: int | None) -> WeightOnlySettings | None:
+        """The weight-only settings with an optional block size; the one place the block-size rule lives."""
+        if block_size is None:
+            return self.weight_only
+        if self.weight_only is None:
+            raise OptionError("--block-size applies to --precision " + " or ".join(weight_only_names()) + " only")
+        if block_size not in BLOCK_SIZES:
+            raise OptionError(f"--block-size must be a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]}, "
+                              f"got {block_size}")
+        return replace(self.weight_only, block_size=block_size)
+
+    def folder_name(self, block_size: int | None = None, fused: bool | None = None) -> str:
+        """The folder/row name: the precision plus whatever differs from its defaults
+        (int4 block 128 -> 'int4-b128', fused fp32 -> 'fp32-fused', unfused int4 -> 'int4-unfused')."""
+        name = self.name
+        if block_size is not None and (self.weight_only is None or block_size != self.weight_only.block_size):
+            name += f"-b{block_size}"
+        if fused is not None and fused != self.fused_by_default:
+            name += "-fused" if fused else "-unfused"
+        return name
+
+
+TENSORRT_OR_CUDA = "TensorRT 11 (strongly typed) and ONNX Runtime CUDA; standard ops"
+ORT_CPU = "ONNX Runtime CPU (MatMulNBits contrib op)"
+INT8_THRESHOLDS = Thresholds(min_greedy_fraction=0.0, min_top1=0.95, max_perplexity_ratio=1.05)
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("fp32", "any ONNX runtime; standard ops (fused on request: ONNX Runtime CPU)", as_exported,
+            Tolerance(atol=1e-3),
+            Thresholds(min_greedy_fraction=1.0, min_top1=1.0, max_abs_logit_diff=1e-3),
+            fusable=True, tensorrt=True, enforce_on_random_weights=True),
+    Variant("fp16", TENSORRT_OR_CUDA, fp16_recipe, Tolerance(min_cosine=0.999),
+            Thresholds(min_greedy_fraction=7 / 8, min_top1=0.99), tensorrt=True),
+    # Random-token probes leave the calibrated activation ranges (clipped): a looser sanity bar.
+    Variant("int8-qdq", "TensorRT 11 explicit quantization; standard ops", qdq_recipe, Tolerance(min_cosine=0.95),
+            INT8_THRESHOLDS, tensorrt=True),
+    # int8: MatMulNBits 8-bit against dynamic int8 MatMulInteger is measured in benchmarks/README.md.
+    Variant("int8", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.98), INT8_THRESHOLDS,
+            weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=True, accuracy_level=4),
+            fusable=True, fused_by_default=True),
+    # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound.
+    Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95),
+            Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10),
+            weight_only=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
+            fusable=True, fused_by_default=True),
+    # optimum's dynamic int8 (benchmarks/optimum_int8.py makes it): checked and benched, not exported by us.
+    Variant("int8-dynamic", "ONNX Runtime CPU (MatMulInteger, optimum's recipe)", None, Tolerance(min_cosine=0.98),
+            INT8_THRESHOLDS),
+)}
+
+
+def exportable_names() -> list[str]:
+    """The --precision choices of `export`."""
+    return [v.name for v in VARIANTS.values() if v.recipe is not None]
+
+
+def weight_only_names() -> list[str]:
+    return [v.name for v in VARIANTS.values() if v.weight_only is not None]
+
+
+def tensorrt_names() -> list[str]:
+    return [v.name for v in VARIANTS.values() if v.tensorrt]
+
+
+def variant(name: str) -> Variant:
+    """The record of a precision, or a one-line error naming the known ones."""
+    if name not in VARIANTS:
+        raise AiraOptError(f"unknown precision '{name}'; known: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def variant_name(precision: str, block_size: int | None = None, fused: bool | None = None) -> str:
+    """Variant.folder_name for a precision by name (a name without a record passes through unchanged)."""
+    record = VARIANTS.get(precision)
+    return record.folder_name(block_size, fused) if record else precision

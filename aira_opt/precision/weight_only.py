@@ -1,0 +1,41 @@
+"""int8 / int4 for CPUs: ONNX Runtime's MatMulNBits (a contrib op), weight-only and block-wise, with attention
+fused to GroupQueryAttention first (fusing.py) unless the export asks for standard attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from aira_opt.export.onnx_files import save_model
+from aira_opt.precision.fusing import fuse_and_pack
+from aira_opt.precision.graph import weight_matmuls
+from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
+
+
+def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings,
+                         fuse_config: Any | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """MatMulNBits over every weight MatMul; with a config, attention is fused and projections packed first
+    (the quantizer leaves the fused nodes alone and quantizes the packed weights like any other).
+    Returns the quantization record and the fusion record (None when not fused)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    model = onnx.load(str(fp32_path))
+    fusion = fuse_and_pack(model, fuse_config) if fuse_config is not None else None
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
+                                                accuracy_level=settings.accuracy_level, bits=settings.bits)
+    quantizer = nbits.MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
+                                           is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
+                                           algo_config=config)
+    quantizer.process()
+    save_model(quantizer.model.model, out_path)
+    return {**settings.describe(), "quantized_nodes": len(weight_matmuls(model))}, fusion
+
+
+def weight_only_recipe(job: RecipeInput) -> RecipeOutput:
+    assert job.weight_only is not None, "a weight-only variant always has its settings"
+    source = job.fp32_graph()
+    quantization, fusion = quantize_weight_only(source.path, job.output, job.weight_only,
+                                                job.loaded.config if job.fused else None)
+    return RecipeOutput(quantization=quantization, fusion=fusion, kept_fp32="all non-MatMul compute")

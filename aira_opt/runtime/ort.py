@@ -1,0 +1,131 @@
+"""ONNX Runtime runner for an exported decoder: activate, step, deactivate.
+
+The KV cache lives in ONNX Runtime's own buffers (OrtValue + IOBinding): each step's `present.*` outputs are
+bound as the next step's `past_key_values.*` inputs without a numpy round trip, so under the CUDA provider
+the cache never leaves the GPU. Only the logits come back to the host, for sampling.
+
+On a fused graph (GroupQueryAttention, see precision/fusing.py) and when the caller knows the final length,
+the cache is preallocated once at that capacity and bound as both past and present: the op writes each step's
+keys in place instead of the standard graph's Concat copying the whole cache every step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from aira_opt.core.artifacts import MANIFEST, graph_is_fused, read_manifest
+from aira_opt.core.contract import ORT_KV_DTYPES, DecoderContract
+from aira_opt.core.errors import ExportFolderError, ProviderUnavailableError
+from aira_opt.runtime.decoder import DecoderLifecycle, KVCache, StepOutput
+from aira_opt.runtime.providers import resolve_provider, session_options
+
+
+def onnx_file(folder: Path) -> Path:
+    path = Path(folder) / "model.onnx"
+    if not path.is_file():
+        raise ExportFolderError(f"'{folder}' has no model.onnx; run `aira-opt export` first")
+    return path
+
+
+def fused_graph(folder: Path) -> bool:
+    """Whether the export's manifest says its attention is fused (a folder without a manifest: no)."""
+    return (Path(folder) / MANIFEST).is_file() and graph_is_fused(read_manifest(folder))
+
+
+class OrtDecoder(DecoderLifecycle):
+    """One ONNX Runtime session over an export folder, with KV cache stepping through IOBinding."""
+
+    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
+        self.folder = Path(folder)
+        self.provider = provider
+        self.model_path = onnx_file(self.folder)
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise ExportFolderError(f"'{folder}' has no config.json")
+        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        self.contract = DecoderContract.from_config_dict(self.config)
+        self.providers = resolve_provider(provider)
+        self.threads = threads
+        self.session: ort.InferenceSession | None = None
+        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        self.kv_dtype: Any = None
+        # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only,
+        # and on the CPU provider they are made for (CUDA's GroupQueryAttention is fp16-only).
+        self.in_place_cache = provider == "cpu" and fused_graph(self.folder)
+
+    # Lifecycle --------------------------------------------------------------------------------------
+    def activate(self) -> OrtDecoder:
+        if self.session is None:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(self.threads),
+                                                providers=self.providers)
+            wanted = self.providers[0]
+            if wanted not in self.session.get_providers():
+                # ONNX Runtime falls back to the CPU when a provider's libraries fail to load: say so, loudly.
+                raise ProviderUnavailableError(
+                    f"{wanted} did not load (session runs on {self.session.get_providers()}); check that CUDA 13 "
+                    "and cuDNN 9 libraries are installed (pip install 'aira-opt[gpu]' brings the wheels)")
+            inputs = {i.name: i for i in self.session.get_inputs()}
+            missing = [n for n in self.contract.input_names() if n not in inputs]
+            if missing:
+                raise ExportFolderError(f"'{self.model_path}' lacks inputs {missing}; not an aira-opt decoder export")
+            self.kv_dtype = ORT_KV_DTYPES[inputs[self.contract.past_names()[0]].type]
+        return self
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    # Steps ------------------------------------------------------------------------------------------
+    def empty_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """An empty cache for `batch` rows. With a capacity (the prompt plus every token to come) a fused graph
+        gets zeroed buffers of that length, written in place; a standard graph grows up to it."""
+        c = self.contract
+        if capacity is not None and self.in_place_cache:
+            shape = [batch, c.num_kv_heads, capacity, c.head_dim]  # [B, kv_heads, capacity, head_dim]
+            zeros = np.zeros(shape, dtype=self.kv_dtype)
+            values = []
+            for _ in c.past_names():
+                # One buffer per tensor, owned by ONNX Runtime (ortvalue_from_numpy would alias the numpy array).
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                value.update_inplace(zeros)
+                values.append(value)
+            return KVCache(values=values, length=0, batch=batch, capacity=capacity, in_place=True)
+        shape = [batch, c.num_kv_heads, 0, c.head_dim]  # the prefill is the same graph with past length 0
+        values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+                  for _ in c.past_names()]
+        return KVCache(values=values, length=0, batch=batch, capacity=capacity)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
+             all_logits: bool = False) -> tuple[StepOutput, KVCache]:
+        """Run one forward pass; returns the logits and the advanced cache (still in ONNX Runtime memory).
+
+        input_ids, position_ids: [B, S] int64; attention_mask: [B, past + S] int64.
+        """
+        assert self.session is not None, "call activate() first"
+        new_tokens = input_ids.shape[1]
+        cache.reserve(new_tokens)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.contract.past_names(), cache.values):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # sampling happens on the host
+        for name, value in zip(self.contract.present_names(), cache.values):
+            if cache.in_place:
+                binding.bind_ortvalue_output(name, value)  # the same buffer as the past: written in place
+            else:
+                binding.bind_output(name, self.device, 0)
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()  # [B, S, V]
+        seconds = time.perf_counter() - start
+        logits = logits if all_logits else logits[:, -1, :]
+        return (StepOutput(logits=logits.astype(np.float32, copy=False), seconds=seconds),
+                cache.advanced(outputs[1:], new_tokens))

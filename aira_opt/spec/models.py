@@ -1,0 +1,256 @@
+"""Model specs: what `--model SPEC` names, as data, and how each is loaded.
+
+A spec is one of: the bundled trained `aira-tiny`, a random-weight preset of a real shape
+(`aira-2-1b1-random`), a local folder, or a hub id (`nicholasKluge/Aira-2-1B1`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aira_opt.core.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+AIRA_HUB_ID = "nicholasKluge/Aira-2-1B1"
+
+
+@dataclass(frozen=True)
+class AiraTokens:
+    """Aira's control tokens, by role. The prompt is bos + question + sep; the answer ends at eos."""
+
+    bos: str = "<|startofinstruction|>"
+    sep: str = "<|endofinstruction|>"
+    eos: str = "<|endofcompletion|>"
+    pad: str = "<|pad|>"
+    unk: str = "<|unk|>"
+
+
+AIRA_TOKENS = AiraTokens()
+
+# Generation defaults from the Aira-2-1B1 model card. A low temperature with tight top-k/top-p keeps the
+# instruction-tuned answers close to greedy, and the 1.2 repetition penalty stops small models looping.
+CARD_GENERATION_DEFAULTS: dict[str, Any] = {
+    "do_sample": True,
+    "repetition_penalty": 1.2,
+    "temperature": 0.2,
+    "top_k": 30,
+    "top_p": 0.3,
+    "max_new_tokens": 200,
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers of a Llama-family model; enough to build a LlamaConfig."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def parameter_count(self) -> int:
+        """Parameters of a LlamaForCausalLM of this shape (untied embeddings unless tied)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+        embeddings = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embeddings + h
+
+
+PRESETS: dict[str, ModelShape] = {
+    # Aira-2-1B1 (a TinyLlama-1.1B fine-tune): 32000 Llama tokens + Aira's 5 special tokens.
+    "aira-2-1b1-random": ModelShape(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32005,
+    ),
+}
+
+RANDOM_SEED = 1234  # random presets are seeded so every export of the same preset is identical
+BUNDLED = "aira-tiny"
+
+
+@dataclass
+class LoadedModel:
+    """A PyTorch model with its tokenizer and where it came from."""
+
+    name: str  # folder-friendly name, e.g. "aira-tiny"
+    source: str  # what the user passed to --model
+    kind: str  # "bundled" | "random" | "local" | "hub"
+    model: Any  # transformers.PreTrainedModel (eval mode, fp32)
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "source": self.source,
+            "kind": self.kind,
+            "architecture": type(self.model).__name__,
+            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
+            "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "vocab_size": cfg.vocab_size,
+            **self.extra,
+        }
+
+
+def bundled_model_dir() -> Path:
+    """The folder of the bundled trained aira-tiny model (inside the installed package)."""
+    return Path(str(resources.files("aira_opt") / "assets" / BUNDLED))
+
+
+def spec_name(spec: str) -> str:
+    """A folder-friendly name for a spec: `nicholasKluge/Aira-2-1B1` -> `Aira-2-1B1`."""
+    base = Path(spec.rstrip("/")).name if (os.sep in spec or "/" in spec) else spec
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base) or "model"
+
+
+def model_name(spec: str, num_layers: int | None = None) -> str:
+    """The name exports of `spec` are filed under (export/<name>/...): a depth override is part of it."""
+    return spec_name(spec) if num_layers is None else f"{spec_name(spec)}-{num_layers}l"
+
+
+def known_specs() -> list[str]:
+    return [BUNDLED, *PRESETS]
+
+
+def load_model(spec: str, num_layers: int | None = None) -> LoadedModel:
+    """Resolve `spec` and load the fp32 PyTorch model and tokenizer (eval mode)."""
+    if num_layers is not None and num_layers < 1:
+        raise ModelLoadError(f"--num-layers must be at least 1, got {num_layers}")
+    if spec in PRESETS:
+        return _load_random_preset(spec, num_layers)
+    if num_layers is not None:
+        raise ModelLoadError(
+            f"--num-layers only applies to random presets ({', '.join(PRESETS)}), not to '{spec}'"
+        )
+    if spec == BUNDLED:
+        return _load_pretrained(bundled_model_dir(), spec, BUNDLED, "bundled")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{spec}' is a path but has no config.json; point --model at a model folder")
+        return _load_pretrained(path, spec, spec_name(spec), "local")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
+        raise ModelLoadError(
+            f"unknown model '{spec}': use {', '.join(known_specs())}, a local folder, or a hub id like {AIRA_HUB_ID}"
+        )
+    return _load_hub(spec)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so an offline user gets an answer in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(spec: str) -> LoadedModel:
+    """A hub id: from the local cache when it is there, else downloaded (never with remote code)."""
+    try:
+        return _load_pretrained(spec, spec, spec_name(spec), "hub", local_files_only=True)
+    except ModelLoadError:
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"'{spec}' is not in the local cache and the model hub cannot be reached (offline?); "
+                "download the model on a connected machine and pass its local folder with --model"
+            ) from None
+    return _load_pretrained(spec, spec, spec_name(spec), "hub")
+
+
+def _load_pretrained(where: str | Path, source: str, name: str, kind: str,
+                     local_files_only: bool = False) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False,
+                                                  local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(where), dtype=torch.float32, trust_remote_code=False, local_files_only=local_files_only
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            "check the id and your network, or download the model elsewhere and pass its local folder"
+            if kind == "hub"
+            else "check that the folder holds a transformers model and tokenizer"
+        )
+        raise ModelLoadError(f"could not load '{source}': {first} ({hint})") from exc
+    model.eval()
+    _check_llama_family(model, source)
+    return LoadedModel(name=name, source=source, kind=kind, model=model, tokenizer=tokenizer)
+
+
+def _check_llama_family(model: Any, source: str) -> None:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in {"llama", "mistral", "qwen2"}:
+        raise ModelLoadError(f"'{source}' is a '{model_type}' model; aira-opt supports Llama-family causal LMs")
+
+
+def _load_random_preset(spec: str, num_layers: int | None) -> LoadedModel:
+    """Aira-2-1B1's exact shape with seeded random weights and the bundled tokenizer's special tokens.
+
+    The bundled tokenizer has far fewer than 32005 tokens; that is fine for speed work, where only shapes
+    matter, and every id it produces is valid for the larger embedding.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    shape = PRESETS[spec]
+    layers = num_layers if num_layers is not None else shape.num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    config = LlamaConfig(
+        **{k: v for k, v in asdict(shape).items() if k != "num_hidden_layers"},
+        num_hidden_layers=layers,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(RANDOM_SEED)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config)
+    model.eval()
+    name = model_name(spec, num_layers)
+    extra: dict[str, Any] = {"seed": RANDOM_SEED}
+    if num_layers is not None:
+        extra["num_layers_override"] = layers  # `check` rebuilds the same baseline from this
+    return LoadedModel(name=name, source=spec, kind="random", model=model, tokenizer=tokenizer, extra=extra)
