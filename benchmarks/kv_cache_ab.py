@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from aira_opt.generation import GenerateOptions, generate
-from aira_opt.runtime import OrtDecoder
-from aira_opt.sampling import SamplingSettings
+from aira_opt.generation.loop import GenerateOptions, generate
+from aira_opt.runtime.ort import OrtDecoder
+from aira_opt.generation.sampling import GREEDY
 
 
 def run(decoder: OrtDecoder, prompt: list[int], new: int, in_place: bool) -> tuple[float, float]:
     decoder.in_place_cache = in_place
-    options = GenerateOptions(max_new_tokens=new, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0),
+    options = GenerateOptions(max_new_tokens=new, sampling=GREEDY,
                               ignore_eos=True)
     result = generate(decoder, [prompt], options, eos_id=-1, pad_id=0)
     return result.ttft_ms, result.decode_tokens_per_s

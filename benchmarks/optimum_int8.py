@@ -13,7 +13,7 @@ from pathlib import Path
 from optimum.onnxruntime import ORTQuantizer
 from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-from aira_opt.artifacts import read_manifest, write_manifest
+from aira_opt.core.artifacts import read_manifest, write_manifest
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aira_opt.artifacts import folder_size_bytes
-from aira_opt.tables import markdown_table
+from aira_opt.core.artifacts import folder_size_bytes
+from aira_opt.core.tables import markdown_table
 
 # variant folder name -> export options (int8/int4 are fused by default; fp32-fused is fp32 with --fuse)
 VARIANTS = {"fp32": ["--precision", "fp32"], "fp32-fused": ["--precision", "fp32", "--fuse"],

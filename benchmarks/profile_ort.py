@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from aira_opt.contract import DecoderContract
-from aira_opt.runtime import ORT_DTYPES, session_options
+from aira_opt.core.contract import ORT_KV_DTYPES, DecoderContract
+from aira_opt.runtime.providers import session_options
 
 WARMUP, RUNS = 3, 10
 
 
 def feeds_for(session: ort.InferenceSession, contract: DecoderContract, phase: str, tokens: int) -> dict:
-    kv_dtype = ORT_DTYPES[session.get_inputs()[3].type]
+    kv_dtype = ORT_KV_DTYPES[session.get_inputs()[3].type]
     rng = np.random.default_rng(0)
     if phase == "prefill":
         ids = rng.integers(5, 500, (1, tokens))                                   # input_ids: [1, T]

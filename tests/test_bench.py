@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from aira_opt.bench.machine import probe_bandwidth_gbps
@@ -11,6 +12,7 @@ REQUIRED = {"backend", "precision", "batch_size", "prompt_length", "new_tokens",
             "decode_ms_p50", "decode_ms_p90", "peak_rss_mb", "size_mb"}
 
 
+@pytest.mark.slow
 def test_bench_on_aira_tiny_writes_wellformed_json_markdown_and_png(tiny_export, tmp_path):
     out_json, out_md, out_png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     result = CliRunner().invoke(main, [
@@ -37,6 +39,7 @@ def test_bench_on_aira_tiny_writes_wellformed_json_markdown_and_png(tiny_export,
     assert "x torch" in result.output and "ort fp32" in result.output
 
 
+@pytest.mark.slow
 def test_bench_reports_skipped_backends_with_a_reason(tiny_export):
     result = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), "--backends", "ort,genai",
                                        "--new-tokens", "4", "--prompt-lengths", "8", "--warmup", "0",
@@ -82,6 +85,7 @@ def _die_at_once(queue, *args):
     raise SystemExit(3)  # exits without putting a result, as a crashed or killed child would
 
 
+@pytest.mark.slow
 def test_a_child_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch):
     import time
 
@@ -94,10 +98,11 @@ def test_a_child_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch)
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
 def test_genai_rows_run_with_the_bench_thread_settings(tiny_export, tmp_path):
     import importlib.util
 
-    import pytest
+
 
     from aira_opt.bench.runners import genai_threads
 

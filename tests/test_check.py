@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import onnx
+import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -74,6 +75,7 @@ def test_fp32_threshold_demands_identical_sequences():
     assert THRESHOLDS["fp32"].min_greedy_fraction == 1.0 and THRESHOLDS["fp32"].max_abs_logit_diff == 1e-3
 
 
+@pytest.mark.slow
 def test_check_rebuilds_a_shallow_random_preset_from_the_manifest(tmp_path):
     """An export of `aira-2-1b1-random --num-layers 1` is checked against the same 1-layer seeded model."""
     out = tmp_path / "r1"

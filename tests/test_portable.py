@@ -97,6 +97,7 @@ def node_example(tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.slow
 def test_node_example_matches_our_loop(tiny, tiny_export, tiny_decoder, node_example):
     answers = {}
     for question in QUESTIONS:

@@ -42,6 +42,7 @@ def test_bundled_model_greedy_answers_are_the_trained_ones(tiny):
                                                    32)) == "The capital of Brazil is Brasília."
 
 
+@pytest.mark.slow
 def test_random_preset_has_aira_2_1b1_shape():
     shape = PRESETS["aira-2-1b1-random"]
     assert (shape.hidden_size, shape.num_hidden_layers, shape.num_attention_heads, shape.num_key_value_heads,
@@ -57,6 +58,7 @@ def test_random_preset_has_aira_2_1b1_shape():
         **{**shape.__dict__, "num_hidden_layers": 1}).parameter_count()
 
 
+@pytest.mark.slow
 def test_random_preset_is_seeded():
     a = load_model("aira-2-1b1-random", num_layers=1).model.lm_head.weight[:3, :5]
     b = load_model("aira-2-1b1-random", num_layers=1).model.lm_head.weight[:3, :5]
@@ -94,6 +96,7 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
     assert result.output.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_bench_finds_the_default_export_of_a_shallow_preset_by_the_same_name(tmp_path, monkeypatch):
     """One naming rule for a depth-overridden preset: where export files it is where bench looks for it."""
     from aira_opt.bench.planning import plan_jobs
