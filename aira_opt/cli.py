@@ -14,7 +14,7 @@ from aira_opt import __version__
 from aira_opt.bench.planning import plan_jobs
 from aira_opt.bench.report import render_text, report_json, write_outputs
 from aira_opt.bench.run import Setting, run_bench
-from aira_opt.check.parity import load_questions, report_table, run_check
+from aira_opt.check.parity import BASELINES, load_questions, report_table, run_check
 from aira_opt.core.artifacts import read_manifest, refuse_existing
 from aira_opt.core.errors import AiraOptError
 from aira_opt.decoders import open_decoder
@@ -226,7 +226,7 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int,
 @json_option("the report")
 @provider_option
 @threads_option
-@click.option("--baseline", type=click.Choice(["cpu-fp32", "cuda-fp16"]), default="cpu-fp32", show_default=True,
+@click.option("--baseline", type=click.Choice(BASELINES), default="cpu-fp32", show_default=True,
               help="The PyTorch reference: fp32 on the CPU, or fp16 on the GPU (what GPU users run).")
 def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | None, prompts_file: Path | None,
               max_new_tokens: int, json_target: str | None, provider: str, threads: int | None, baseline: str) -> None:

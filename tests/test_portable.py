@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from aira_opt.cli import main
 from aira_opt.generation.loop import GenerateOptions, generate
 from aira_opt.spec.prompts import prompt_ids
-from aira_opt.generation.sampling import SamplingSettings
+from aira_opt.generation.sampling import GREEDY as GREEDY_SAMPLING
 
 from helpers import hf_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is the capital of Brazil?", "Who are you?", "What is two plus three?", "Tell me a story."]
-GREEDY = GenerateOptions(max_new_tokens=24, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
+GREEDY = GenerateOptions(max_new_tokens=24, sampling=GREEDY_SAMPLING)
 
 
 def our_tokens(tiny, decoder, question: str) -> list[int]:

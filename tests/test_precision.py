@@ -128,10 +128,10 @@ def test_check_thresholds_per_precision_are_the_documented_ones():
 def test_fp16_left_padded_batch_stays_finite_and_matches_one_by_one(tiny, tiny_variants):
     from aira_opt.generation.loop import GenerateOptions, generate
     from aira_opt.spec.prompts import prompt_ids
-    from aira_opt.generation.sampling import SamplingSettings
+    from aira_opt.generation.sampling import GREEDY
 
     tok = tiny.tokenizer
-    opts = GenerateOptions(max_new_tokens=16, sampling=SamplingSettings(do_sample=False, repetition_penalty=1.0))
+    opts = GenerateOptions(max_new_tokens=16, sampling=GREEDY)
     prompts = [prompt_ids(tok, q) for q in ("Hello!", "What is the capital of Argentina?", "Who are you?")]
     with OrtDecoder(tiny_variants["fp16"]) as decoder:
         batched = generate(decoder, prompts, opts, tok.eos_token_id, tok.pad_token_id).tokens

@@ -63,6 +63,8 @@ class CheckReport:
 
 
 # Runners ---------------------------------------------------------------------------------------------
+BASELINES = ("cpu-fp32", "cuda-fp16")  # PyTorch fp32 on the CPU, or fp16 on the GPU (what GPU users run)
+
 class TorchReference:
     """The PyTorch baseline: transformers' own greedy generate and full-sequence logits.
 

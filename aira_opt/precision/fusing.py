@@ -205,7 +205,7 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
     model.graph.node.extend(reversed(keep))
     used = {i for node in model.graph.node for i in node.input}
     # Delete in place: extending a repeated field copies every message, which for a loaded 1.1B fp32 model
-    # means another 4.4 GB.
+    # means another copy of every weight.
     for k in reversed(range(len(model.graph.initializer))):
         if model.graph.initializer[k].name not in used:
             del model.graph.initializer[k]
