@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from aira_opt.bench.report import render_text, report_json, write_outputs
 from aira_opt.bench.run import Setting, run_bench
 from aira_opt.check.parity import BASELINES, load_questions, report_table, run_check
 from aira_opt.core.artifacts import read_manifest, refuse_existing
-from aira_opt.core.errors import AiraOptError
+from aira_opt.core.errors import AiraOptError, Terminated, UnexpectedError
 from aira_opt.decoders import open_decoder
 from aira_opt.generation.chat import Chat, settings_from_folder
 from aira_opt.inspection import inspect_folder
@@ -25,7 +26,7 @@ from aira_opt.precision.variants import BLOCK_SIZES, exportable_names, variant
 from aira_opt.runtime.providers import PROVIDERS
 from aira_opt.spec.models import LoadedModel, load_model, spec_name
 from aira_opt.tensorrt.engines import build_engine
-from aira_opt.tensorrt.plan import BuildOptions, describe_plan, make_plan
+from aira_opt.tensorrt.plan import TARGETS, BuildOptions, describe_plan, make_plan
 
 
 model_option = click.option("--model", "model_spec", default="aira-tiny", show_default=True, metavar="SPEC",
@@ -65,7 +66,24 @@ def human_echo(json_target: str | None) -> Any:
     return (lambda s="", **kw: click.echo(s, err=True, **kw)) if json_target == "-" else click.echo
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class AiraGroup(click.Group):
+    """The boundary: whatever a command raises that is not already a one-line error becomes one
+    (`Error: ...` and a hint), exit 1; with -v the traceback is shown instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if ctx.params.get("verbose"):
+                raise
+            text = str(exc).strip().splitlines()
+            raise UnexpectedError(f"{type(exc).__name__}: {text[0] if text else 'no message'} "
+                                  "(run with -v to see the traceback)") from exc
+
+
+@click.group(cls=AiraGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aira-opt")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -177,11 +195,11 @@ def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str |
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Engine folder [default: engines/<model>/<precision>/<target>].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--max-seq", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Most new tokens in one call (the longest prefill).")
-@click.option("--max-context", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Most tokens of past + new.")
-@click.option("--target", type=click.Choice(["a100", "native"]), default="a100", show_default=True)
+@click.option("--max-seq", type=click.IntRange(min=1), default=None,
+              help="Most new tokens in one call, the longest prefill [default: 512, or the model's context if less].")
+@click.option("--max-context", type=click.IntRange(min=2), default=None,
+              help="Most tokens of past + new [default: the model's positions].")
+@click.option("--target", type=click.Choice(TARGETS), default="a100", show_default=True)
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Read and update this timing cache file.")
 @click.option("--workspace", "workspace_gib", type=float, default=8.0, show_default=True, help="GiB.")
@@ -190,7 +208,8 @@ def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str |
 @click.option("--one-profile", is_flag=True, help="One profile for prefill and decode instead of two.")
 @click.option("--dry-run", is_flag=True, help="Print the build plan and run the pre-flight; needs no TensorRT.")
 @click.option("--force", is_flag=True, help="Replace an existing engine folder.")
-def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int, max_context: int, target: str,
+def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int | None, max_context: int | None,
+              target: str,
               timing_cache: Path | None, workspace_gib: float, opt_level: int, one_profile: bool, dry_run: bool,
               force: bool) -> None:
     """Build a TensorRT 11 engine (strongly typed) from an export folder."""
@@ -333,13 +352,23 @@ def inspect_cmd(folder: Path, json_target: str | None) -> None:
         raise SystemExit(1)
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
 def run() -> None:
-    """Console-script entry: domain errors print one line (Click does that); Ctrl-C exits 130 quietly."""
+    """Console-script entry: domain errors print one line (Click does that). Ctrl-C, SIGTERM and SIGHUP unwind
+    the same way, so every partial artifact is removed, and exit 128 + the signal's number."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     try:
         main(standalone_mode=True)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(128 + signal.SIGINT) from None
+    except Terminated as exc:
+        click.echo(f"terminated by {signal.Signals(exc.signum).name}; partial files removed", err=True)
+        raise SystemExit(128 + exc.signum) from None
 
 
 __all__ = ["main", "run", "AiraOptError"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aira_opt.core.artifacts import read_manifest, verify_manifest
+from aira_opt.core.artifacts import read_manifest, unlisted_files, verify_manifest
 from aira_opt.export.portable import read_metadata
 from aira_opt.tensorrt.engines import SIDECAR, verify_engine_folder
 
@@ -35,13 +35,20 @@ def inspect_engine(folder: Path) -> tuple[dict[str, Any], list[str]]:
 def inspect_export(folder: Path) -> tuple[dict[str, Any], list[str]]:
     manifest = read_manifest(folder)
     problems = verify_manifest(folder)
+    unknown = unlisted_files(folder)
+    try:
+        metadata = read_metadata(folder)
+    except Exception as exc:  # onnx's DecodeError and friends: a truncated or foreign model.onnx
+        metadata = {}
+        if not problems:
+            problems.append(f"model.onnx: does not parse as ONNX ({type(exc).__name__})")
     summary: dict[str, Any] = {
         "folder": str(folder), "precision": manifest.get("precision"),
         "source_model": manifest.get("source_model", {}).get("source"), "opset": manifest.get("opset"),
         "files": len(manifest.get("files", {})), "hashes_ok": not problems, "problems": problems,
         "contract": manifest.get("contract"), "kept_fp32": manifest.get("kept_fp32"),
         "quantization": manifest.get("quantization"), "graph": manifest.get("graph", {"fused": False}),
-        "metadata": read_metadata(folder),
+        "metadata": metadata, "unlisted_files": unknown,
         "genai_config": (folder / "genai_config.json").is_file(),
     }
     lines = [f"{key}: {summary[key]}" for key in EXPORT_KEYS]
@@ -51,5 +58,8 @@ def inspect_export(folder: Path) -> tuple[dict[str, Any], list[str]]:
             lines.append(f"  {name}: {shape}")
     lines += [f"metadata {key}: {value}" for key, value in summary["metadata"].items()]
     lines.append(f"genai_config.json: {'present' if summary['genai_config'] else 'missing'}")
-    lines.append("hashes: all match" if not problems else "hashes: " + "; ".join(problems))
+    lines.append("hashes: all match" if not problems else "hashes: " + "; ".join(problems)
+                 + " (export again to replace the folder)")
+    if unknown:
+        lines.append(f"warning: not in the manifest (left alone, not checked): {', '.join(unknown)}")
     return summary, lines

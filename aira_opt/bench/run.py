@@ -110,20 +110,22 @@ def run_in_child(*args: Any, timeout: float = 3600) -> tuple[str, Any]:
     proc.start()
     deadline = time.monotonic() + timeout
     status, payload = "error", f"no result within {timeout:.0f}s"
-    while time.monotonic() < deadline:
-        try:
-            status, payload = results.get(timeout=1.0)
-            break
-        except queue_module.Empty:
-            if not proc.is_alive():
-                try:  # it may have reported just before exiting
-                    status, payload = results.get(timeout=1.0)
-                except queue_module.Empty:
-                    status, payload = "error", f"child exited with code {proc.exitcode} without a result"
+    try:
+        while time.monotonic() < deadline:
+            try:
+                status, payload = results.get(timeout=1.0)
                 break
-    proc.join(timeout=30)
-    if proc.is_alive():
-        proc.kill()
+            except queue_module.Empty:
+                if not proc.is_alive():
+                    try:  # it may have reported just before exiting
+                        status, payload = results.get(timeout=1.0)
+                    except queue_module.Empty:
+                        status, payload = "error", f"child exited with code {proc.exitcode} without a result"
+                    break
+        proc.join(timeout=30)
+    finally:  # also on Ctrl-C or SIGTERM in the parent: no benchmark child outlives bench
+        if proc.is_alive():
+            proc.kill()
     return status, payload
 
 

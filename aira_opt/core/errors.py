@@ -45,3 +45,19 @@ class PromptTooLongError(AiraOptError):
 
 class TensorRTUnavailableError(AiraOptError):
     """TensorRT or an NVIDIA GPU is missing."""
+
+
+class DiskFullError(AiraOptError):
+    """The disk (or a file-size limit) ran out while writing an artifact."""
+
+
+class UnexpectedError(AiraOptError):
+    """Anything else that went wrong, shown as one line; `-v` shows the traceback."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so every `finally` and cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

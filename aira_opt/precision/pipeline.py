@@ -55,7 +55,7 @@ def graph_record(fusion: dict[str, Any] | None) -> dict[str, Any]:
 
 class Fp32Source:
     """The fp32 graph recipes start from, made at most once: reused from an existing export when one is given,
-    else exported into a scratch folder next to the output (removed with it)."""
+    else exported into a scratch folder inside the partial output (so whatever cleans that, cleans this)."""
 
     def __init__(self, loaded: LoadedModel, scratch: Path, reuse: Path | None):
         self.loaded, self.scratch, self.reuse = loaded, scratch, reuse
@@ -89,7 +89,7 @@ def export_model(loaded: LoadedModel, precision: str, output: Path, force: bool 
     name = record.folder_name(block_size, is_fused)
     steps = Steps(4, quiet=quiet)
     with atomic_folder(output, force) as tmp:
-        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.fp32-") as scratch:
+        with tempfile.TemporaryDirectory(dir=tmp, prefix=".fp32-") as scratch:  # gone before hashing
             with steps.step(f"exporting {loaded.name} as {name} ({torch_onnx.EXPORTER}, opset {torch_onnx.OPSET}"
                             + (", reusing the fp32 graph of " + str(reuse.parent) if reuse else "") + ")"):
                 job = RecipeInput(loaded, tmp / "model.onnx", Fp32Source(loaded, Path(scratch), reuse), is_fused,

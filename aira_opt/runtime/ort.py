@@ -33,6 +33,20 @@ def onnx_file(folder: Path) -> Path:
     return path
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """The export's config.json, or a one-line error saying what is wrong with it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ExportFolderError(f"'{folder}' has no config.json; run `aira-opt export` first")
+    try:
+        config = json.loads(path.read_text())
+        DecoderContract.from_config_dict(config)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise ExportFolderError(f"'{path}' is not a usable model config ({type(exc).__name__}: {exc}); "
+                                "export again") from exc
+    return config
+
+
 def fused_graph(folder: Path) -> bool:
     """Whether the export's manifest says its attention is fused (a folder without a manifest: no)."""
     return (Path(folder) / MANIFEST).is_file() and graph_is_fused(read_manifest(folder))
@@ -45,10 +59,7 @@ class OrtDecoder(DecoderLifecycle):
         self.folder = Path(folder)
         self.provider = provider
         self.model_path = onnx_file(self.folder)
-        config_path = self.folder / "config.json"
-        if not config_path.is_file():
-            raise ExportFolderError(f"'{folder}' has no config.json")
-        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        self.config: dict[str, Any] = read_config(self.folder)
         self.contract = DecoderContract.from_config_dict(self.config)
         self.providers = resolve_provider(provider)
         self.threads = threads
@@ -62,8 +73,15 @@ class OrtDecoder(DecoderLifecycle):
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:
         if self.session is None:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=session_options(self.threads),
-                                                providers=self.providers)
+            try:
+                self.session = ort.InferenceSession(str(self.model_path),
+                                                    sess_options=session_options(self.threads), providers=self.providers)
+            except Exception as exc:  # onnxruntime's own types: InvalidProtobuf, Fail, NoSuchFile, ...
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ExportFolderError(
+                    f"ONNX Runtime cannot load '{self.model_path}' ({first[:200]}); the file or its "
+                    f"model.onnx_data may be truncated or corrupt: `aira-opt inspect {self.folder}` shows which "
+                    "file, then export again") from exc
             wanted = self.providers[0]
             if wanted not in self.session.get_providers():
                 # ONNX Runtime falls back to the CPU when a provider's libraries fail to load: say so, loudly.

@@ -4,7 +4,7 @@ checks on the ONNX graph. Everything here runs on any machine; `engines.py` only
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from aira_opt.precision.graph import fp32_islands, qdq_problems
 from aira_opt.precision.variants import tensorrt_names
 
 TARGETS = ("a100", "native")
+DEFAULT_MAX_SEQ = 512  # the longest prefill an engine takes unless told: a long prompt, a modest workspace
 A100_COMPUTE_CAPABILITY = (8, 0)
 # TensorRT 10.0's ONNX parser documents opsets 9..20; 11.x keeps that range. Our exports use opset 18.
 TRT_OPSETS = range(9, 21)
@@ -33,12 +34,18 @@ Slice Softmax Split Sqrt Squeeze Sub Tanh Tile TopK Transpose Trilu Unsqueeze Wh
 @dataclass(frozen=True)
 class BuildOptions:
     max_batch: int = 1
-    max_seq: int = 512  # new tokens per call: the longest prefill
-    max_context: int = 2048  # past + new; past runs 0..max_context-1
+    max_seq: int | None = None  # new tokens per call, the longest prefill (None: up to 512, within the context)
+    max_context: int | None = None  # past + new; past runs 0..max_context-1 (None: the model's positions)
     target: str = "a100"
     workspace_gib: float = 8.0
     opt_level: int = 3  # TensorRT's default builder optimization level
     timing_cache: str | None = None
+
+    def for_model(self, model_context: int) -> BuildOptions:
+        """The options with every default filled in from the model, so a default always fits it."""
+        context = self.max_context if self.max_context is not None else model_context
+        seq = self.max_seq if self.max_seq is not None else min(DEFAULT_MAX_SEQ, context)
+        return replace(self, max_context=context, max_seq=seq)
 
     def problems(self, model_context: int) -> list[str]:
         out = []
@@ -218,7 +225,9 @@ def make_plan(folder: Path, options: BuildOptions, two_profiles: bool = True) ->
                            "export it again without --fuse for TensorRT")
     config = json.loads((Path(folder) / "config.json").read_text())
     contract = DecoderContract.from_config_dict(config)
-    problems = options.problems(int(config.get("max_position_embeddings", 2048)))
+    model_context = int(config.get("max_position_embeddings", 2048))
+    options = options.for_model(model_context)
+    problems = options.problems(model_context)
     if problems:
         raise AiraOptError("; ".join(problems))
     model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
