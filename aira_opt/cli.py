@@ -17,7 +17,7 @@ from aira_opt.bench.report import render_text, report_json, write_outputs
 from aira_opt.bench.run import Setting, run_bench
 from aira_opt.check.parity import BASELINES, load_questions, report_table, run_check
 from aira_opt.core.artifacts import read_manifest, refuse_existing
-from aira_opt.core.errors import AiraOptError, Terminated, UnexpectedError
+from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
 from aira_opt.decoders import open_decoder
 from aira_opt.generation.chat import Chat, settings_from_folder
 from aira_opt.inspection import inspect_folder
@@ -156,7 +156,7 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
 @threads_option
 @click.option("--greedy", is_flag=True, help="Argmax instead of sampling (the repetition penalty still applies).")
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
-@click.option("--num-return-sequences", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-return-sequences", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help=FROM_EXPORT)
 @click.option("--temperature", type=float, default=None, help=FROM_EXPORT)
 @click.option("--top-k", type=click.IntRange(min=0), default=None, help=FROM_EXPORT)
@@ -287,6 +287,9 @@ def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | 
 
 
 # bench -------------------------------------------------------------------------------------------------
+MAX_BENCH_BATCH = 1024  # a bound on what one bench setting may allocate, far past any batch worth timing
+
+
 def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     try:
         items = [int(v) for v in value.split(",") if v.strip()]
@@ -294,6 +297,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
         raise click.BadParameter(f"'{value}' is not a comma-separated list of integers") from None
     if not items or any(v < 1 for v in items):
         raise click.BadParameter("give one or more positive integers, e.g. 64,512")
+    if param.name == "batch_sizes" and max(items) > MAX_BENCH_BATCH:
+        raise click.BadParameter(f"batch sizes above {MAX_BENCH_BATCH} are not benchmarked")
     return items
 
 
@@ -326,6 +331,9 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
     plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), wanted, provider)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
+    if plan.context is not None and max(prompt_lengths) + new_tokens > plan.context:
+        raise OptionError(f"a {max(prompt_lengths)}-token prompt + {new_tokens} new tokens exceeds the model's "
+                          f"context of {plan.context}; lower --prompt-lengths or --new-tokens")
     report = run_bench(plan.jobs, settings, warmup, repeats, threads, plan.token_ids, plan.eos, plan.pad,
                        skipped=plan.skipped, progress=lambda s: click.echo(s, err=True))
     command = "aira-opt " + " ".join(sys.argv[1:]) if sys.argv and "aira-opt" in sys.argv[0] else ""

@@ -14,6 +14,7 @@ from aira_opt.core.artifacts import graph_is_fused, read_manifest
 from aira_opt.core.errors import AiraOptError, TensorRTUnavailableError
 from aira_opt.precision.pipeline import default_output
 from aira_opt.precision.variants import variant_name
+from aira_opt.runtime.ort import read_config
 from aira_opt.spec.models import PRESETS, BUNDLED, bundled_model_dir, load_model, model_name
 from aira_opt.spec.prompts import ordinary_token_ids
 from aira_opt.tensorrt.engines import SIDECAR, import_tensorrt, require_gpu
@@ -25,6 +26,7 @@ class BenchPlan:
     token_ids: np.ndarray  # prompts are drawn from these: the tokenizer's ordinary (non-special) ids
     eos: int
     pad: int
+    context: int | None  # the model's positions, where known: every setting must fit
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -114,4 +116,15 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
                 precision = engine_precision(engine)
                 jobs.append(Job("trt", f"trt {precision}", precision, folder=str(engine)))
     return BenchPlan(jobs=jobs, token_ids=ordinary_token_ids(tokenizer, len(tokenizer)), eos=tokenizer.eos_token_id,
-                     pad=tokenizer.pad_token_id, skipped=skipped)
+                     pad=tokenizer.pad_token_id, context=model_context(model_spec, onnx_dirs), skipped=skipped)
+
+
+def model_context(model_spec: str, onnx_dirs: list[Path]) -> int | None:
+    """The positions the benched model has: from an export's config, a preset, or the bundled model."""
+    if model_spec in PRESETS:
+        return PRESETS[model_spec].max_position_embeddings
+    if model_spec == BUNDLED:
+        return int(json.loads((bundled_model_dir() / "config.json").read_text())["max_position_embeddings"])
+    if onnx_dirs:
+        return int(read_config(onnx_dirs[0]).get("max_position_embeddings", 2048))
+    return None

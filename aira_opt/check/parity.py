@@ -204,7 +204,12 @@ def report_table(report: CheckReport) -> str:
 def load_questions(path: Path | None) -> list[str]:
     if path is None:
         return list(DEFAULT_CHECK_PROMPTS)
-    questions = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AiraOptError(f"'{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8, one question "
+                           "per line") from None
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
     if not questions:
         raise AiraOptError(f"'{path}' has no prompts (one question per line)")
     return questions

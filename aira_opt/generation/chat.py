@@ -36,7 +36,7 @@ def settings_from_folder(folder: Path, greedy: bool = False, seed: int | None = 
     if problems:
         raise AiraOptError("; ".join(problems))
     return GenerateOptions(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens")), sampling=sampling, seed=seed,
-                           num_return_sequences=num_return_sequences)
+                           num_return_sequences=num_return_sequences, fit_context=max_new_tokens is None)
 
 
 class Chat:

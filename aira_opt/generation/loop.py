@@ -8,7 +8,7 @@ and every decode step, which is what `bench` reports.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,6 +27,7 @@ class GenerateOptions:
     seed: int | None = None
     num_return_sequences: int = 1
     ignore_eos: bool = False  # bench: every run produces exactly max_new_tokens
+    fit_context: bool = False  # a default max_new_tokens: shorten it to what the context leaves, never fail
 
 
 @dataclass
@@ -92,7 +93,11 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: Generate
         raise ValueError("no prompts")
     if options.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    check_context(prompts, options.max_new_tokens, int(model.config.get("max_position_embeddings", 2048)))
+    context = int(model.config.get("max_position_embeddings", 2048))
+    if options.fit_context:
+        room = context - max(len(p) for p in prompts)
+        options = replace(options, max_new_tokens=max(1, min(options.max_new_tokens, room)))
+    check_context(prompts, options.max_new_tokens, context)
     expanded = [list(p) for p in prompts for _ in range(options.num_return_sequences)]
     rng = np.random.default_rng(options.seed)
 

@@ -6,6 +6,7 @@ warpers temperature -> top-k -> top-p, then a draw from the softmax. All on nump
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,11 @@ class SamplingSettings:
     repetition_penalty: float = 1.0
 
     def validate(self) -> list[str]:
-        problems = []
+        problems = [f"{name} must be a finite number, got {value}" for name, value in
+                    (("temperature", self.temperature), ("top_p", self.top_p),
+                     ("repetition_penalty", self.repetition_penalty)) if not math.isfinite(value)]
+        if problems:
+            return problems
         if self.do_sample and self.temperature <= 0:
             problems.append("temperature must be > 0 when sampling (use --greedy for argmax)")
         if self.top_k < 0:

@@ -41,7 +41,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
         DecoderContract.from_config_dict(config)
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
         raise ExportFolderError(f"'{path}' is not a usable model config ({type(exc).__name__}: {exc}); "
                                 "export again") from exc
     return config
