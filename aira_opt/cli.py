@@ -19,6 +19,7 @@ from aira_opt.check.parity import BASELINES, load_questions, report_table, run_c
 from aira_opt.core.artifacts import read_manifest, refuse_existing
 from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
 from aira_opt.decoders import open_decoder
+from aira_opt.export.support import read_format
 from aira_opt.generation.chat import Chat, settings_from_folder
 from aira_opt.inspection import inspect_folder
 from aira_opt.precision.pipeline import default_output, export_model
@@ -30,7 +31,7 @@ from aira_opt.tensorrt.plan import TARGETS, BuildOptions, describe_plan, make_pl
 
 
 model_option = click.option("--model", "model_spec", default="aira-tiny", show_default=True, metavar="SPEC",
-                            help="aira-tiny (bundled), aira-2-1b1-random, a local folder, or a hub id.")
+                            help="aira-tiny (bundled), aira-2-1b1-random, smollm2-135m, a local folder, a .gguf file, or a hub id.")
 num_layers_option = click.option("--num-layers", type=click.IntRange(min=1), default=None,
                                  help="Depth override for a random preset (quick runs).")
 onnx_dir_option = click.option("--onnx", "onnx_dir", default=None,
@@ -240,7 +241,9 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int 
 @click.option("--model", "model_spec", default=None, metavar="SPEC",
               help="PyTorch baseline [default: the export's source model from its manifest].")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Questions, one per line [default: 8 built-in Aira questions].")
+              default=None,
+              help="Questions, one per line [default: 8 built-in Aira questions, or 16 chat questions for other "
+                   "prompt formats].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @json_option("the report")
 @provider_option
@@ -259,14 +262,15 @@ def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | 
     num_layers = source.get("num_layers_override") if model_spec is None else None
     loaded = _load(spec, num_layers)
     precision = manifest.get("precision", "fp32")
-    questions = load_questions(prompts_file)
+    fmt = read_format(folder, loaded.tokenizer)  # the format the export recorded
+    questions = load_questions(prompts_file, fmt)
     with decoder:
         if baseline == "cuda-fp16":
             import torch
 
             if not torch.cuda.is_available():
                 raise AiraOptError("--baseline cuda-fp16 needs a CUDA GPU visible to PyTorch")
-        report = run_check(loaded, decoder, precision, questions, max_new_tokens, baseline=baseline)
+        report = run_check(loaded, decoder, precision, questions, max_new_tokens, fmt, baseline=baseline)
     data = report.to_json()
     data["evaluation"] = (f"TensorRT engine {folder}" if engine_dir else
                           f"onnxruntime {provider} provider running the {precision} graph as exported")

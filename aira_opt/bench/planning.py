@@ -12,11 +12,12 @@ import numpy as np
 from aira_opt.bench.runners import RUNNERS, Job
 from aira_opt.core.artifacts import graph_is_fused, read_manifest
 from aira_opt.core.errors import AiraOptError, TensorRTUnavailableError
+from aira_opt.export.support import read_format
 from aira_opt.precision.pipeline import default_output
 from aira_opt.precision.variants import variant_name
 from aira_opt.runtime.ort import read_config
 from aira_opt.spec.models import PRESETS, BUNDLED, bundled_model_dir, load_model, model_name
-from aira_opt.spec.prompts import ordinary_token_ids
+from aira_opt.spec.prompts import detect_format, ordinary_token_ids
 from aira_opt.tensorrt.engines import SIDECAR, import_tensorrt, require_gpu
 
 
@@ -115,8 +116,9 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
             else:
                 precision = engine_precision(engine)
                 jobs.append(Job("trt", f"trt {precision}", precision, folder=str(engine)))
-    return BenchPlan(jobs=jobs, token_ids=ordinary_token_ids(tokenizer, len(tokenizer)), eos=tokenizer.eos_token_id,
-                     pad=tokenizer.pad_token_id, context=model_context(model_spec, onnx_dirs), skipped=skipped)
+    fmt = read_format(onnx_dirs[0], tokenizer) if onnx_dirs else detect_format(tokenizer)
+    return BenchPlan(jobs=jobs, token_ids=ordinary_token_ids(tokenizer, len(tokenizer)), eos=fmt.stop_ids[0],
+                     pad=fmt.pad_id, context=model_context(model_spec, onnx_dirs), skipped=skipped)
 
 
 def model_context(model_spec: str, onnx_dirs: list[Path]) -> int | None:

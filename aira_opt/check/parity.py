@@ -24,9 +24,16 @@ from aira_opt.generation.loop import GenerateOptions, generate
 from aira_opt.generation.sampling import GREEDY, HF_GREEDY
 from aira_opt.precision.variants import VARIANTS, Thresholds
 from aira_opt.runtime.decoder import Decoder
-from aira_opt.spec.corpus import heldout_pairs
+from aira_opt.spec.corpus import CHAT_QUESTIONS, heldout_english, heldout_pairs
 from aira_opt.spec.models import LoadedModel
-from aira_opt.spec.prompts import DEFAULT_CHECK_PROMPTS, conversation_ids, decode_answer, prompt_ids
+from aira_opt.spec.prompts import (
+    DEFAULT_CHECK_PROMPTS,
+    PromptFormat,
+    conversation_ids,
+    decode_answer,
+    prompt_ids,
+    text_ids,
+)
 
 
 @dataclass
@@ -71,8 +78,8 @@ class TorchReference:
     cpu-fp32 is the reference for every precision; cuda-fp16 is what a GPU user runs (compare fp16 exports
     against it on a GPU)."""
 
-    def __init__(self, loaded: LoadedModel, baseline: str = "cpu-fp32"):
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+    def __init__(self, loaded: LoadedModel, fmt: PromptFormat, baseline: str = "cpu-fp32"):
+        self.model, self.format = loaded.model, fmt
         self.device = "cuda" if baseline == "cuda-fp16" else "cpu"
         if baseline == "cuda-fp16":
             self.model = self.model.half().to("cuda")
@@ -82,7 +89,7 @@ class TorchReference:
 
         x = torch.tensor([ids], device=self.device)
         out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=list(self.format.stop_ids), pad_token_id=self.format.pad_id,
                                   **HF_GREEDY)
         return out[0, len(ids):].tolist()
 
@@ -97,12 +104,12 @@ class TorchReference:
 class OnnxCandidate:
     """Our loop over the export: greedy generation and teacher-forced stepwise logits."""
 
-    def __init__(self, decoder: Decoder, eos_id: int, pad_id: int):
-        self.decoder, self.eos_id, self.pad_id = decoder, eos_id, pad_id
+    def __init__(self, decoder: Decoder, fmt: PromptFormat):
+        self.decoder, self.format = decoder, fmt
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         result = generate(self.decoder, [ids], GenerateOptions(max_new_tokens=max_new_tokens, sampling=GREEDY),
-                          self.eos_id, self.pad_id)
+                          self.format.stop_ids, self.format.pad_id)
         return result.tokens[0]
 
     def teacher_forced_logits(self, prompt: list[int], forced: list[int]) -> np.ndarray:
@@ -148,18 +155,28 @@ def judge(report: CheckReport, limits: Thresholds) -> list[str]:
     return failures
 
 
+def heldout_texts(tokenizer: Any, fmt: PromptFormat) -> list[list[int]]:
+    """Token ids of held-out text for perplexity: Aira-format turns for Aira models, real English prose for the
+    rest (their training never saw our synthetic texts). Neither is used for training or calibration."""
+    if fmt.kind == "aira":
+        return [conversation_ids(tokenizer, q, a, fmt) for q, a in heldout_pairs()]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + text_ids(tokenizer, paragraph) for paragraph in heldout_english()]
+
+
 def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: list[str],
-              max_new_tokens: int, quiet: bool = False, baseline: str = "cpu-fp32") -> CheckReport:
+              max_new_tokens: int, fmt: PromptFormat, quiet: bool = False, baseline: str = "cpu-fp32") -> CheckReport:
+    """Both runners on the same prompts (in the export's recorded format), judged by the variant's thresholds."""
     if precision not in VARIANTS:
         raise AiraOptError(f"no parity thresholds for precision '{precision}'; known: {', '.join(VARIANTS)}")
     limits = VARIANTS[precision].thresholds
     tok = loaded.tokenizer
-    reference = TorchReference(loaded, baseline)
-    candidate = OnnxCandidate(decoder, tok.eos_token_id, tok.pad_token_id)
+    reference = TorchReference(loaded, fmt, baseline)
+    candidate = OnnxCandidate(decoder, fmt)
     per_prompt: list[PromptResult] = []
     ref_rows, cand_rows = [], []
     for question in bar(questions, "check prompts", quiet=quiet):
-        ids = prompt_ids(tok, question)
+        ids = prompt_ids(tok, question, fmt)
         ref_tokens = reference.greedy(ids, max_new_tokens)
         onnx_tokens = candidate.greedy(ids, max_new_tokens)
         ref_logits = reference.logits(ids + ref_tokens)[len(ids) - 1: len(ids) - 1 + len(ref_tokens)]
@@ -177,8 +194,7 @@ def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: 
 
     nll_t = nll_o = 0.0
     count = 0
-    for question, answer in heldout_pairs():
-        ids = conversation_ids(tok, question, answer)
+    for ids in heldout_texts(tok, fmt):
         a, n = perplexity(reference.logits(ids), ids)
         b, _ = perplexity(candidate.logits(ids), ids)
         nll_t, nll_o, count = nll_t + a, nll_o + b, count + n
@@ -201,9 +217,10 @@ def report_table(report: CheckReport) -> str:
     return text_table(["prompt", "greedy same", "steps", "top-1", "max |diff|", "min cos", "onnx answer"], rows)
 
 
-def load_questions(path: Path | None) -> list[str]:
+def load_questions(path: Path | None, fmt: PromptFormat) -> list[str]:
+    """Questions from a file, one a line; by default Aira's eight for Aira models, sixteen chat questions else."""
     if path is None:
-        return list(DEFAULT_CHECK_PROMPTS)
+        return list(DEFAULT_CHECK_PROMPTS if fmt.kind == "aira" else CHAT_QUESTIONS)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

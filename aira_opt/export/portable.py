@@ -1,6 +1,6 @@
 """What lets other runtimes use an export folder without our Python code: ONNX metadata_props (source, precision,
-Aira's special tokens, the prompt template, generation defaults, the I/O contract) and a genai_config.json that
-onnxruntime-genai loads as it is."""
+the prompt format and its control tokens, stop ids, generation defaults, the I/O contract) and a
+genai_config.json that onnxruntime-genai loads as it is."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Any
 import onnx
 
 from aira_opt.core.contract import DecoderContract
-from aira_opt.spec.models import AIRA_TOKENS, CARD_GENERATION_DEFAULTS, LoadedModel
-from aira_opt.spec.prompts import control_ids
-
-PROMPT_TEMPLATE = AIRA_TOKENS.bos + "{question}" + AIRA_TOKENS.sep
+from aira_opt.export.support import generation_defaults, model_format
+from aira_opt.spec.models import AIRA_TOKENS, LoadedModel
+from aira_opt.spec.prompts import PromptFormat, control_ids
 
 
 def graph_kind(model: onnx.ModelProto) -> str:
@@ -25,18 +24,32 @@ def graph_kind(model: onnx.ModelProto) -> str:
     return "standard attention"
 
 
+def special_tokens(loaded: LoadedModel, fmt: PromptFormat) -> dict[str, Any]:
+    """The control tokens by role, with their ids: Aira's four, or the stop and pad tokens of any other format."""
+    tok = loaded.tokenizer
+    if fmt.kind == "aira":
+        ids = control_ids(tok)
+        return {role: {"token": getattr(AIRA_TOKENS, role), "id": ids[role]} for role in ("bos", "sep", "eos", "pad")}
+    named = {"stop": [{"token": tok.convert_ids_to_tokens(i), "id": i} for i in fmt.stop_ids],
+             "pad": {"token": tok.convert_ids_to_tokens(fmt.pad_id), "id": fmt.pad_id}}
+    if tok.bos_token is not None:
+        named["bos"] = {"token": tok.bos_token, "id": tok.bos_token_id}
+    return named
+
+
 def metadata(loaded: LoadedModel, precision: str) -> dict[str, str]:
     """metadata_props entries (ONNX wants strings; structured values are JSON)."""
-    ids = control_ids(loaded.tokenizer)
-    tokens = {role: {"token": getattr(AIRA_TOKENS, role), "id": ids[role]} for role in ("bos", "sep", "eos", "pad")}
+    fmt = model_format(loaded)
     return {
         "aira_opt.source_model": loaded.source,
         "aira_opt.precision": precision,
-        "aira_opt.special_tokens": json.dumps(tokens),
-        "aira_opt.prompt_template": PROMPT_TEMPLATE,
-        "aira_opt.prompt_note": "control tokens are added by id; user text is tokenized with special-token "
-                                "matching off, so typed control strings stay text",
-        "aira_opt.generation_defaults": json.dumps(CARD_GENERATION_DEFAULTS),
+        "aira_opt.special_tokens": json.dumps(special_tokens(loaded, fmt)),
+        "aira_opt.prompt_format": fmt.kind,
+        "aira_opt.prompt_template": fmt.template,
+        "aira_opt.stop_ids": json.dumps(list(fmt.stop_ids)),
+        "aira_opt.prompt_note": "the template's control tokens are matched as tokens; the question is tokenized "
+                                "with special-token matching off, so typed control strings stay text",
+        "aira_opt.generation_defaults": json.dumps(generation_defaults(loaded, fmt)),
         "aira_opt.io_contract": json.dumps(DecoderContract.from_config(loaded.config).describe()),
     }
 
@@ -65,15 +78,16 @@ def write_metadata(model_path: Path, props: dict[str, str]) -> None:
 
 def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
     """onnxruntime-genai's configuration for our graph: our I/O names, position_ids as an input, a cache that
-    grows by concatenation (so no shared past/present buffer), search defaults from the model card."""
+    grows by concatenation (so no shared past/present buffer), stop ids and search defaults of the source model."""
     cfg = loaded.config
     contract = DecoderContract.from_config(cfg)
-    ids = control_ids(loaded.tokenizer)
-    defaults = CARD_GENERATION_DEFAULTS
+    fmt = model_format(loaded)
+    defaults = generation_defaults(loaded, fmt)
+    stops = list(fmt.stop_ids)
     provider_options = [{"cuda": {}}] if precision == "fp16" else []
     return {
         "model": {
-            "bos_token_id": ids["bos"],
+            "bos_token_id": loaded.tokenizer.bos_token_id,
             "context_length": int(cfg.max_position_embeddings),
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": provider_options},
@@ -96,23 +110,20 @@ def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
                 "num_hidden_layers": contract.num_layers,
                 "num_key_value_heads": contract.num_kv_heads,
             },
-            "eos_token_id": ids["eos"],
-            "pad_token_id": ids["pad"],
+            "eos_token_id": stops[0] if len(stops) == 1 else stops,
+            "pad_token_id": fmt.pad_id,
             "type": "llama",
             "vocab_size": contract.vocab_size,
         },
         "search": {
-            "do_sample": defaults["do_sample"],
+            "do_sample": bool(defaults.get("do_sample", False)),
             "early_stopping": True,
             "max_length": int(cfg.max_position_embeddings),
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
             "past_present_share_buffer": False,
-            "repetition_penalty": defaults["repetition_penalty"],
-            "temperature": defaults["temperature"],
-            "top_k": defaults["top_k"],
-            "top_p": defaults["top_p"],
+            **{key: defaults[key] for key in ("repetition_penalty", "temperature", "top_k", "top_p") if key in defaults},
         },
     }
 

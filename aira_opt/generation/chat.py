@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from aira_opt.core.errors import AiraOptError, ExportFolderError
+from aira_opt.export.support import read_format, read_generation_config
 from aira_opt.generation.loop import GenerateOptions, GenerationResult, generate
 from aira_opt.generation.sampling import SamplingSettings
 from aira_opt.runtime.decoder import Decoder
 from aira_opt.spec.models import CARD_GENERATION_DEFAULTS
 from aira_opt.spec.prompts import decode_answer, prompt_ids
 
+DEFAULT_MAX_NEW_TOKENS = 256  # for a model whose generation config names none (transformers' own is a bare 20)
+
 
 def settings_from_folder(folder: Path, greedy: bool = False, seed: int | None = None, num_return_sequences: int = 1,
                          max_new_tokens: int | None = None, temperature: float | None = None,
                          top_k: int | None = None, top_p: float | None = None,
                          repetition_penalty: float | None = None) -> GenerateOptions:
-    """Options from the folder's generation_config.json (written by the export), overridden by the user; a
-    folder without one (made by hand) gets the model card's defaults."""
-    path = Path(folder) / "generation_config.json"
-    defaults = {**CARD_GENERATION_DEFAULTS, **(json.loads(path.read_text()) if path.is_file() else {})}
+    """Options from the folder's generation_config.json (the source model's own defaults, written by the export),
+    overridden by the user. What it leaves out takes transformers' defaults (no sampling processors, greedy); a
+    folder without one (made by hand) gets Aira's model-card defaults."""
+    defaults = read_generation_config(folder) or dict(CARD_GENERATION_DEFAULTS)
+    neutral = {**asdict(SamplingSettings()), "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
 
     def pick(value: Any, key: str) -> Any:
-        return defaults[key] if value is None else value
+        return value if value is not None else defaults.get(key, neutral[key])
 
     sampling = SamplingSettings(
-        do_sample=not greedy and bool(defaults.get("do_sample", True)), temperature=float(pick(temperature, "temperature")),
+        do_sample=not greedy and bool(defaults.get("do_sample", False)), temperature=float(pick(temperature, "temperature")),
         top_k=int(pick(top_k, "top_k")), top_p=float(pick(top_p, "top_p")),
         repetition_penalty=float(pick(repetition_penalty, "repetition_penalty")),
     )
@@ -40,15 +44,17 @@ def settings_from_folder(folder: Path, greedy: bool = False, seed: int | None = 
 
 
 class Chat:
-    """A model folder ready to answer: its tokenizer, Aira's template, and a decoder (ONNX Runtime or TensorRT)."""
+    """A model folder ready to answer: its tokenizer, its recorded prompt format, and a decoder (ONNX Runtime or
+    TensorRT)."""
 
     def __init__(self, folder: Path, decoder: Decoder):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: only once a folder is opened
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:
             raise ExportFolderError(f"'{folder}' has no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
+        self.format = read_format(folder, self.tokenizer)
         self.decoder = decoder
 
     def __enter__(self) -> Chat:
@@ -61,8 +67,8 @@ class Chat:
     def run(self, questions: list[str], options: GenerateOptions,
             on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
         tok = self.tokenizer
-        prompts = [prompt_ids(tok, q) for q in questions]
-        return generate(self.decoder, prompts, options, tok.eos_token_id, tok.pad_token_id, on_token=on_token)
+        prompts = [prompt_ids(tok, q, self.format) for q in questions]
+        return generate(self.decoder, prompts, options, self.format.stop_ids, self.format.pad_id, on_token=on_token)
 
     def answer(self, question: str, options: GenerateOptions) -> dict[str, Any]:
         """One question -> the JSON object `generate --json` prints."""

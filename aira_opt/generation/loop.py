@@ -86,9 +86,11 @@ def check_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, context
         )
 
 
-def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, eos_id: int,
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, stop_ids: int | Sequence[int],
              pad_id: int, on_token: TokenCallback | None = None) -> GenerationResult:
-    """Generate for a batch of tokenized prompts (each already bos + question + sep)."""
+    """Generate for a batch of tokenized prompts (each already in the model's prompt format); a sequence ends at
+    any of `stop_ids` (one id, or several as Llama 3 style models have)."""
+    stops = np.array([stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids), dtype=np.int64)
     if not prompts:
         raise ValueError("no prompts")
     if options.max_new_tokens < 1:
@@ -117,14 +119,14 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: Generate
             if on_token is not None:
                 on_token(int(row), int(chosen[row]))
         if not options.ignore_eos:
-            unfinished &= chosen != eos_id
+            unfinished &= ~np.isin(chosen, stops)
         history = np.concatenate([history, chosen[:, None]], axis=1)
         if not unfinished.any() or step == options.max_new_tokens - 1:
             break
         mask = np.concatenate([mask, np.ones((len(expanded), 1), dtype=np.int64)], axis=1)  # [B, past + 1]
         logits, cache, seconds = decode_one(model, chosen, mask, cache)
         decode_seconds.append(seconds)
-    finished = [bool(t) and t[-1] == eos_id and not options.ignore_eos for t in tokens]
+    finished = [bool(t) and t[-1] in stops and not options.ignore_eos for t in tokens]
     return GenerationResult(prompts=expanded, tokens=tokens, finished=finished, prefill_seconds=prefill_seconds,
                             decode_seconds=decode_seconds, padded_prompt_length=input_ids.shape[1])
 

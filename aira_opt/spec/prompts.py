@@ -1,17 +1,27 @@
-"""Aira's prompt format, injection-safe tokenization, and the built-in prompt sets.
+"""Prompt formats as data, injection-safe tokenization, and the built-in prompt sets.
 
-Prompt: `<|startofinstruction|>` + question + `<|endofinstruction|>`; the model answers and ends with
-`<|endofcompletion|>`. The control tokens are added by id; the user's text is tokenized with special-token
-matching switched off, so a user who types `<|endofinstruction|>` gets those characters, not the token.
+A model's prompt format is chosen from its tokenizer, in this order:
+- `aira`: the tokenizer has Aira's control tokens: `<|startofinstruction|>` question `<|endofinstruction|>`,
+  the answer ends at `<|endofcompletion|>`;
+- `chat-template`: the tokenizer's own chat template (transformers' apply_chat_template with its default system
+  prompt and generation prompt), one user turn;
+- `plain`: completion, bos + text, for base models with neither.
+Each is recorded as a template string around `{question}`. Template parts are tokenized with special-token
+matching on; the user's text with it off, so a user who types `<|im_end|>`, `</s>` or `<|endofinstruction|>`
+gets those characters, never the control token.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from aira_opt.spec.models import AIRA_TOKENS
+
+QUESTION = "{question}"
+FORMATS = ("aira", "chat-template", "plain")
 
 # Questions the bundled aira-tiny was trained on (its greedy answers are known); `check` runs these by default.
 DEFAULT_CHECK_PROMPTS: list[str] = [
@@ -39,7 +49,6 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
             backend.encode_special_tokens = previous
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
-
 def control_ids(tokenizer: Any) -> dict[str, int]:
     """Ids of Aira's control tokens, by role; a tokenizer missing one is not an Aira tokenizer."""
     ids: dict[str, int] = {}
@@ -52,16 +61,75 @@ def control_ids(tokenizer: Any) -> dict[str, int]:
     return ids
 
 
-def prompt_ids(tokenizer: Any, question: str) -> list[int]:
-    """bos + question (as text) + sep: the ids Aira expects before its answer."""
-    ids = control_ids(tokenizer)
-    return [ids["bos"], *text_ids(tokenizer, question), ids["sep"]]
+def has_aira_tokens(tokenizer: Any) -> bool:
+    try:
+        control_ids(tokenizer)
+    except ValueError:
+        return False
+    return True
 
 
-def conversation_ids(tokenizer: Any, question: str, answer: str) -> list[int]:
-    """A whole turn, as in training: bos + question + sep + answer + eos."""
-    ids = control_ids(tokenizer)
-    return [*prompt_ids(tokenizer, question), *text_ids(tokenizer, answer), ids["eos"]]
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the model's prompt, and which tokens end its answer."""
+
+    kind: str  # one of FORMATS
+    template: str  # the prompt with the question as "{question}", control tokens spelled out
+    stop_ids: tuple[int, ...]  # any of these ends a sequence
+    pad_id: int  # what fills left padding and finished rows
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self), "stop_ids": list(self.stop_ids)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptFormat:
+        return cls(str(data["kind"]), str(data["template"]), tuple(int(i) for i in data["stop_ids"]),
+                   int(data["pad_id"]))
+
+
+def _ids(value: Any) -> list[int]:
+    """A generation config's token id field, which may be one id or a list (Llama 3 style)."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def detect_format(tokenizer: Any, generation_config: Any = None) -> PromptFormat:
+    """The format of a model from its tokenizer (and the stop and pad ids of its generation config)."""
+    if has_aira_tokens(tokenizer):
+        ids = control_ids(tokenizer)
+        return PromptFormat("aira", AIRA_TOKENS.bos + QUESTION + AIRA_TOKENS.sep, (ids["eos"],), ids["pad"])
+    stops = _ids(getattr(generation_config, "eos_token_id", None))
+    stops += [i for i in _ids(tokenizer.eos_token_id) if i not in stops]
+    if not stops:
+        raise ValueError("the model names no end-of-sequence token (generation config or tokenizer)")
+    pads = _ids(getattr(generation_config, "pad_token_id", None)) or _ids(tokenizer.pad_token_id) or stops
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00question\x00"  # survives any template, and no tokenizer merges it with its neighbours
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                                 add_generation_prompt=True)
+        if rendered.count(marker) == 1:
+            return PromptFormat("chat-template", rendered.replace(marker, QUESTION), tuple(stops), pads[0])
+    bos = tokenizer.bos_token if tokenizer.bos_token and getattr(tokenizer, "add_bos_token", True) else ""
+    return PromptFormat("plain", bos + QUESTION, tuple(stops), pads[0])
+
+
+def _template_ids(tokenizer: Any, part: str) -> list[int]:
+    """A template part, with its control tokens matched as such (and no bos added)."""
+    return list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
+
+
+def prompt_ids(tokenizer: Any, question: str, fmt: PromptFormat | None = None) -> list[int]:
+    """The ids the model expects before its answer: the template's parts as control tokens, the question as text."""
+    fmt = fmt or detect_format(tokenizer)
+    before, after = fmt.template.split(QUESTION, 1)
+    return [*_template_ids(tokenizer, before), *text_ids(tokenizer, question), *_template_ids(tokenizer, after)]
+
+
+def conversation_ids(tokenizer: Any, question: str, answer: str, fmt: PromptFormat | None = None) -> list[int]:
+    """A whole turn, as in training: the prompt, the answer as text, the first stop token."""
+    fmt = fmt or detect_format(tokenizer)
+    return [*prompt_ids(tokenizer, question, fmt), *text_ids(tokenizer, answer), fmt.stop_ids[0]]
 
 
 def decode_answer(tokenizer: Any, ids: list[int]) -> str:
