@@ -37,7 +37,9 @@ def generation_config(loaded: LoadedModel) -> dict[str, Any]:
 
 def write_support_files(loaded: LoadedModel, folder: Path) -> None:
     """Tokenizer (its inputs: ids and mask only), config and generation config (optimum writes its own; ours wins)."""
-    loaded.tokenizer.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids for generate(**enc)
+    names = ["input_ids", "attention_mask"]  # no token_type_ids, which generate(**enc) would refuse
+    loaded.tokenizer.model_input_names = names
+    loaded.tokenizer.init_kwargs["model_input_names"] = names  # what save_pretrained writes
     loaded.tokenizer.save_pretrained(folder)
     loaded.model.config.save_pretrained(folder)
     (folder / GENERATION_CONFIG).write_text(json.dumps(generation_config(loaded), indent=2) + "\n")

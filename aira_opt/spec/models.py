@@ -307,6 +307,7 @@ def _load_gguf(path: Path, source: str, name: str, kind: str) -> LoadedModel:
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"transformers could not load '{path}': {first}") from exc
+        tokenizer.vocab_file = None  # the converter's sentencepiece stand-in: not used by the fast tokenizer
         with atomic_folder(folder, force=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

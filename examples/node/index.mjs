@@ -16,15 +16,18 @@ if (!folder || !question) {
 }
 const maxNewTokens = Number(option("--max-new-tokens", "64"));
 
-// The folder describes itself: shapes and Aira's control-token ids from genai_config.json.
+// The folder describes itself: shapes from genai_config.json; the prompt format, stop ids and pad id that the
+// export recorded in generation_config.json (Aira's template, the model's chat template, or plain text).
 const readJson = (name) => JSON.parse(readFileSync(join(folder, name), "utf8"));
 const genai = readJson("genai_config.json").model;
 const { num_hidden_layers: layers, num_key_value_heads: kvHeads, head_size: headDim } = genai.decoder;
+const format = readJson("generation_config.json").prompt_format;
 const tokenizer = new Tokenizer(readJson("tokenizer.json"), readJson("tokenizer_config.json"));
-const sepId = tokenizer.encode("<|endofinstruction|>", { add_special_tokens: false }).ids[0];
 
-// Aira's prompt: bos + question + sep, the control tokens added by id.
-const promptIds = [genai.bos_token_id, ...tokenizer.encode(question, { add_special_tokens: false }).ids, sepId];
+// The template's parts are tokenized with their control tokens; the question as plain text.
+const [before, after] = format.template.split("{question}");
+const encode = (text) => (text ? tokenizer.encode(text, { add_special_tokens: false }).ids : []);
+const promptIds = [...encode(before), ...encode(question), ...encode(after)];
 const session = await ort.InferenceSession.create(join(folder, "model.onnx"));
 const kvType = session.inputMetadata
   ? (session.inputMetadata.find?.((m) => m.name === "past_key_values.0.key")?.type ?? "float32")
@@ -60,7 +63,7 @@ for (let step = 0; step < maxNewTokens; step++) {
   let best = 0;
   for (let v = 1; v < vocab; v++) if (last[v] > last[best]) best = v;
   generated.push(best);
-  if (best === genai.eos_token_id) break;
+  if (format.stop_ids.includes(best)) break;
   past = {};
   for (let i = 0; i < layers; i++) {
     past[`past_key_values.${i}.key`] = out[`present.${i}.key`];
