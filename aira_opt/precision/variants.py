@@ -107,7 +107,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             INT8_THRESHOLDS, tensorrt=True),
     # int8: MatMulNBits 8-bit against dynamic int8 MatMulInteger is measured in benchmarks/README.md.
     Variant("int8", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.98), INT8_THRESHOLDS,
-            weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=True, accuracy_level=4),
+            weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=False, accuracy_level=4),
             fusable=True, fused_by_default=True),
     # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound.
     Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95),

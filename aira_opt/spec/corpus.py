@@ -71,19 +71,19 @@ def calibration_questions() -> list[str]:
 CHAT_QUESTIONS: list[str] = [
     "What is the capital of France?",
     "What is the capital of Japan?",
-    "What is the largest planet in our solar system?",
+    "What is the capital of Germany?",
     "How many days are in a week?",
     "What color is the sky on a clear day?",
     "What do bees make?",
     "What is the boiling point of water in Celsius?",
     "Who wrote Romeo and Juliet?",
-    "What is two plus two?",
+    "Who painted the Mona Lisa?",
     "What is the chemical symbol for gold?",
-    "How many legs does a spider have?",
+    "What is the tallest mountain in the world?",
     "What is the opposite of hot?",
     "Name a primary color.",
     "What gas do plants take in from the air?",
-    "What is the freezing point of water in Fahrenheit?",
+    "What language is spoken in Spain?",
     "Which ocean is the largest?",
 ]
 
