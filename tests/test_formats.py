@@ -120,6 +120,8 @@ def test_the_format_and_stop_ids_are_recorded_everywhere(tiny_export):
 
     generation = json.loads((tiny_export / "generation_config.json").read_text())
     assert generation["prompt_format"]["kind"] == "aira" and generation["repetition_penalty"] == 1.2
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    assert manifest["prompt_format"] == generation["prompt_format"]
     props = {p.key: p.value for p in onnx.load(str(tiny_export / "model.onnx"), load_external_data=False).metadata_props}
     assert props["aira_opt.prompt_format"] == "aira"
     assert json.loads(props["aira_opt.stop_ids"]) == generation["prompt_format"]["stop_ids"]

@@ -17,7 +17,7 @@ from aira_opt.core.errors import OptionError
 from aira_opt.core.progress import Steps
 from aira_opt.export import torch_onnx
 from aira_opt.export.portable import make_portable
-from aira_opt.export.support import write_support_files
+from aira_opt.export.support import model_format, write_support_files
 from aira_opt.precision.recipe import Fp32Graph, RecipeInput
 from aira_opt.precision.validate import validate_against_torch
 from aira_opt.precision.variants import Tolerance, Variant, exportable_names, variant
@@ -112,6 +112,7 @@ def export_model(loaded: LoadedModel, precision: str, output: Path, force: bool 
                 "precision": precision,
                 "target": record.target,
                 "source_model": loaded.describe(),
+                "prompt_format": model_format(loaded).describe(),
                 "opset": torch_onnx.OPSET,
                 "exporter": torch_onnx.EXPORTER + ("" if precision == "fp32" else " + aira_opt.precision"),
                 "contract": contract.describe(),
