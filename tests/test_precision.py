@@ -79,6 +79,9 @@ def test_cpu_variants_use_matmulnbits(tiny_variants, precision, bits):
     assert all({a.name: a.i for a in n.attribute}["bits"] == bits for n in nbits)
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in
                 {i.name for i in model.graph.initializer}]
+    # int8 carries zero points (asymmetric: real activations need it, benchmarks/README.md); int4 is symmetric
+    with_zero_points = [len(n.input) > 3 and n.input[3] != "" for n in nbits]
+    assert all(with_zero_points) if precision == "int8" else not any(with_zero_points)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8-qdq", "int8", "int4"])
