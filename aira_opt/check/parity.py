@@ -4,7 +4,8 @@ Two runners produce comparable data, the comparator judges it, thresholds come f
 - greedy sequences, per prompt (our loop vs transformers' generate), exact match;
 - logits under teacher forcing: the ONNX model is fed PyTorch's greedy tokens one decode step at a time
   (exercising the KV cache), and its logits at the prefill and every step are compared with PyTorch's;
-- perplexity on held-out Aira-format text that neither training nor calibration saw.
+- perplexity on held-out text that neither training nor calibration saw (Aira-format turns for Aira models,
+  public-domain English prose for the others).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class CheckReport:
 
 # Runners ---------------------------------------------------------------------------------------------
 BASELINES = ("cpu-fp32", "cuda-fp16")  # PyTorch fp32 on the CPU, or fp16 on the GPU (what GPU users run)
+
 
 class TorchReference:
     """The PyTorch baseline: transformers' own greedy generate and full-sequence logits.

@@ -147,10 +147,15 @@ def atomic_folder(final: Path, force: bool) -> Iterator[Path]:
         raise
 
 
+def artifact_files(folder: Path) -> list[Path]:
+    """Every file of an artifact folder a manifest accounts for (all but the manifest and the partial mark)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARK))
+
+
 def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file in `folder` except the manifest itself."""
     out: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARK)):
+    for path in artifact_files(folder):
         rel = path.relative_to(folder).as_posix()
         out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return out
@@ -207,9 +212,8 @@ def verify_manifest(folder: Path) -> list[str]:
 def unlisted_files(folder: Path) -> list[str]:
     """Files in the folder the manifest does not list (a README someone added, a .DS_Store): worth a warning."""
     listed = read_manifest(folder).get("files", {})
-    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
-                  if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARK)
-                  and p.relative_to(folder).as_posix() not in listed)
+    names = (p.relative_to(folder).as_posix() for p in artifact_files(folder))
+    return [name for name in names if name not in listed]
 
 
 def folder_size_bytes(folder: Path, suffixes: tuple[str, ...] = (".onnx", ".onnx_data", ".data")) -> int:

@@ -83,7 +83,6 @@ def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
     contract = DecoderContract.from_config(cfg)
     fmt = model_format(loaded)
     defaults = generation_defaults(loaded, fmt)
-    stops = list(fmt.stop_ids)
     provider_options = [{"cuda": {}}] if precision == "fp16" else []
     return {
         "model": {
@@ -110,7 +109,7 @@ def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
                 "num_hidden_layers": contract.num_layers,
                 "num_key_value_heads": contract.num_kv_heads,
             },
-            "eos_token_id": stops[0] if len(stops) == 1 else stops,
+            "eos_token_id": fmt.eos_token_id,
             "pad_token_id": fmt.pad_id,
             "type": "llama",
             "vocab_size": contract.vocab_size,

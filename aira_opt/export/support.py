@@ -29,9 +29,8 @@ def generation_defaults(loaded: LoadedModel, fmt: PromptFormat) -> dict[str, Any
 def generation_config(loaded: LoadedModel) -> dict[str, Any]:
     """generation_config.json: transformers' keys, plus `prompt_format` for our loop and other runtimes."""
     fmt = model_format(loaded)
-    stops = list(fmt.stop_ids)
     return {**generation_defaults(loaded, fmt), "bos_token_id": loaded.tokenizer.bos_token_id,
-            "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": fmt.pad_id,
+            "eos_token_id": fmt.eos_token_id, "pad_token_id": fmt.pad_id,
             "prompt_format": fmt.describe()}
 
 

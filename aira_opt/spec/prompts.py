@@ -81,6 +81,11 @@ class PromptFormat:
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "stop_ids": list(self.stop_ids)}
 
+    @property
+    def eos_token_id(self) -> int | list[int]:
+        """The stop ids as generation configs spell `eos_token_id`: one id, or a list when there are several."""
+        return self.stop_ids[0] if len(self.stop_ids) == 1 else list(self.stop_ids)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PromptFormat:
         return cls(str(data["kind"]), str(data["template"]), tuple(int(i) for i in data["stop_ids"]),
