@@ -22,24 +22,32 @@ from aira_opt.export.onnx_files import save_model
 from aira_opt.export.support import model_format, write_support_files
 from aira_opt.generation.loop import GenerateOptions, generate
 from aira_opt.precision.fusing import fuse_and_pack
+from aira_opt.precision.recipe import WeightOnlySettings
 from aira_opt.precision.validate import validate_against_torch
 from aira_opt.precision.variants import Tolerance
+from aira_opt.precision.weight_only import quantize_weight_only
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.spec.models import load_model
 
-# label -> (bits, block size, symmetric, accuracy level, algorithm)
+# label -> (bits, block size, symmetric, accuracy level, algorithm); "ours" is the export's own recipe
+# (quantize_weight_only: weights on a 4-bit source grid keep it), "rtn" rounds every weight again.
 RECIPES = {
-    "int4 sym b32 acc4 (default)": (4, 32, True, 4, "rtn"),
-    "int4 asym b32 acc4": (4, 32, False, 4, "rtn"),
-    "int4 sym b16 acc4": (4, 16, True, 4, "rtn"),
+    "int4 sym b32 acc4 (default: source grid kept)": (4, 32, True, 4, "ours"),
+    "int4 sym b32 acc0, source grid kept": (4, 32, True, 0, "ours"),
+    "int4 sym b32 acc4, requantized": (4, 32, True, 4, "rtn"),
+    "int4 asym b32 acc4, requantized": (4, 32, False, 4, "rtn"),
+    "int4 sym b16 acc4, requantized": (4, 16, True, 4, "rtn"),
     "int4 HQQ b32": (4, 32, False, 4, "hqq"),
     "int8 sym b32 acc4": (8, 32, True, 4, "rtn"),
-    "int8 asym b32 acc4 (default)": (8, 32, False, 4, "rtn"),
+    "int8 asym b32 acc4 (default)": (8, 32, False, 4, "ours"),
 }
 
 
 def quantize(fp32: Path, out: Path, config, recipe) -> None:
     bits, block, symmetric, accuracy, algorithm = recipe
+    if algorithm == "ours":
+        quantize_weight_only(fp32, out / "model.onnx", WeightOnlySettings(bits, block, symmetric, accuracy), config)
+        return
     model = onnx.load(str(fp32))
     fuse_and_pack(model, config)
     algo = (nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=bits) if algorithm == "hqq" else
@@ -64,11 +72,14 @@ def main() -> None:
     parser.add_argument("--fp32", type=Path, required=True, help="an fp32 export of --model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check", action="store_true", help="also run `check`'s parity (minutes per recipe)")
+    parser.add_argument("--only", help="run only the recipes whose label contains this text")
     args = parser.parse_args()
     loaded = load_model(args.model)
     fmt = model_format(loaded)
     print("| recipe | min cosine (sanity) | decode tokens/s | check |\n|---|---|---|---|")
     for label, recipe in RECIPES.items():
+        if args.only and args.only not in label:
+            continue
         out = Path(tempfile.mkdtemp(prefix="recipe-"))
         try:
             quantize(args.fp32 / "model.onnx", out, loaded.config, recipe)

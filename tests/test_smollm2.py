@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import onnx
 import pytest
@@ -20,17 +21,23 @@ pytestmark = [
 ]
 
 
+PRECISIONS = ("fp32", "int8", "int4", "int8-qdq")
+
+
 @pytest.fixture(scope="module")
 def smol_exports(tmp_path_factory):
-    """fp32 and int8 exports of smollm2-135m through the CLI, as a user makes them."""
+    """Exports of smollm2-135m through the CLI exactly as the README has a user make them (default folders under
+    export/, so the variants reuse the fp32 graph)."""
     root = tmp_path_factory.mktemp("smollm2")
-    folders = {}
-    for precision in ("fp32", "int8"):
-        folders[precision] = root / precision
-        result = CliRunner().invoke(main, ["export", "--model", "smollm2-135m", "--precision", precision,
-                                           "--output", str(folders[precision])])
-        assert result.exit_code == 0, result.output
-    return folders
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        for precision in PRECISIONS:
+            result = CliRunner().invoke(main, ["export", "--model", "smollm2-135m", "--precision", precision])
+            assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(before)
+    return {precision: root / "export" / "smollm2-135m" / precision for precision in PRECISIONS}
 
 
 def test_the_export_records_smollm2s_own_format_stops_and_defaults(smol_exports):
@@ -52,14 +59,27 @@ def test_tied_embeddings_stay_one_table(smol_exports):
     assert 4 * params <= size < 4 * params * 1.01  # fp32: four bytes a parameter, once
 
 
-def test_int8_passes_check_and_fp32_answers_through_our_loop(smol_exports):
-    result = CliRunner().invoke(main, ["check", "--onnx", str(smol_exports["int8"]), "--max-new-tokens", "16"])
+@pytest.mark.parametrize("precision, new_tokens", [("int8", 16), ("int4", 16), ("int8-qdq", 8)])
+def test_each_reduced_precision_passes_check(smol_exports, precision, new_tokens):
+    # fewer new tokens than the README's run (32): the same bar, over fewer positions, to keep CI short
+    result = CliRunner().invoke(main, ["check", "--onnx", str(smol_exports[precision]),
+                                       "--max-new-tokens", str(new_tokens)])
     assert result.exit_code == 0 and "PASSED" in result.output, result.output
-    # int8 passes the statistical bar but flips this question's first token (README), so ask fp32
-    result = CliRunner().invoke(main, ["generate", "--onnx", str(smol_exports["fp32"]), "--json", "-",
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_answer_names_paris(smol_exports, precision):
+    # int8 passes the statistical bar but flips this question's first token (README)
+    result = CliRunner().invoke(main, ["generate", "--onnx", str(smol_exports[precision]), "--json", "-",
                                        "What is the capital of France?"])
     assert result.exit_code == 0, result.output
     assert "Paris" in json.loads(result.output)["answers"][0]
+
+
+def test_int4_keeps_the_ggufs_4_bit_grid(smol_exports):
+    quantization = json.loads((smol_exports["int4"] / "manifest.json").read_text())["quantization"]
+    # every projection (packed q/k/v, o, packed gate/up, down in 30 layers) was Q4_1 in the GGUF
+    assert quantization["source_grid_nodes"] == quantization["quantized_nodes"] == 4 * 30
 
 
 def test_a_typed_chat_token_stays_text(smol_exports):

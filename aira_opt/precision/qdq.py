@@ -1,5 +1,6 @@
 """int8 Q/DQ for TensorRT 11's explicit quantization: symmetric QuantizeLinear/DequantizeLinear on the inputs of
-the weight MatMuls only, per-channel weight scales, activation scales calibrated on Aira-format prompts."""
+the weight MatMuls only, per-channel weight scales, activation scales calibrated on prompts in the model's own
+format, after SmoothQuant has moved the activations' outlier channels into the weights (smoothing.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import onnx
 
 from aira_opt.core.contract import DecoderContract, empty_past
 from aira_opt.core.errors import AiraOptError
-from aira_opt.export.onnx_files import save_model
+from aira_opt.export.onnx_files import remove_model_files, save_model
 from aira_opt.export.support import model_format
 from aira_opt.precision.graph import qdq_problems, weight_matmuls
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput
+from aira_opt.precision.smoothing import smooth, smooth_groups
 from aira_opt.spec.corpus import calibration_questions, training_pairs
 from aira_opt.spec.prompts import PromptFormat, conversation_ids, detect_format, prompt_ids
 
@@ -52,22 +54,33 @@ class AiraCalibrationReader:
     def rewind(self) -> None:
         self.index = 0
 
+    def __iter__(self):
+        self.rewind()
+        return iter(self.get_next, None)
+
 
 def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: DecoderContract,
                  fmt: PromptFormat | None = None) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    model = onnx.load(str(fp32_path), load_external_data=False)
-    nodes = weight_matmuls(model)
+    model = onnx.load(str(fp32_path))
+    groups = smooth_groups(model)
+    kept = sorted(m.name for g in groups if g.gated for m in g.matmuls)  # down_proj: fp32 (see smoothing.py)
+    nodes = [n for n in weight_matmuls(model) if n not in kept]
     sequences = calibration_sequences(tokenizer, fmt)
+    smoothing = smooth(model, [g for g in groups if not g.gated], AiraCalibrationReader(sequences, contract))
+    smoothed = out_path.with_name("smoothed-fp32.onnx")  # inside the export's temporary folder
+    save_model(model, smoothed)
+    del model
     quantize_static(
-        str(fp32_path), str(out_path), AiraCalibrationReader(sequences, contract), quant_format=QuantFormat.QDQ,
+        str(smoothed), str(out_path), AiraCalibrationReader(sequences, contract), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=fp32_path.with_name(fp32_path.name + "_data").exists(),
+        use_external_data_format=smoothed.with_name(smoothed.name + "_data").exists(),
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
                        "OpTypesToExcludeOutputQuantization": ["MatMul"]},
     )
+    remove_model_files(smoothed)
     stray = out_path.with_name(out_path.name + ".data")
     if stray.exists():  # onnxruntime names it model.onnx.data; our folders use model.onnx_data
         save_model(onnx.load(str(out_path)), out_path)
@@ -75,7 +88,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: Deco
     return {
         "method": "static QDQ (onnxruntime.quantization.quantize_static)", "format": "QuantizeLinear/DequantizeLinear",
         "weights": "int8, symmetric, per output channel", "activations": "int8, symmetric, per tensor, MinMax",
-        "quantized_nodes": len(nodes), "op_types": ["MatMul"],
+        "quantized_nodes": len(nodes), "op_types": ["MatMul"], "smoothing": smoothing, "kept_fp32_matmuls": kept,
         "calibration": {"source": "aira_opt.corpus.calibration_questions()", "sequences": len(sequences),
                         "tokens": sum(map(len, sequences)), "sha256": calibration_hash(sequences)},
     }
@@ -88,4 +101,5 @@ def qdq_recipe(job: RecipeInput) -> RecipeOutput:
     problems = qdq_problems(onnx.load(str(job.output), load_external_data=False))
     if problems:
         raise AiraOptError(f"int8-qdq placement: {'; '.join(problems[:5])}")
-    return RecipeOutput(quantization=quantization, kept_fp32="all non-MatMul compute")
+    return RecipeOutput(quantization=quantization,
+                        kept_fp32="all non-MatMul compute and the down_proj MatMuls (their inputs' outliers)")
