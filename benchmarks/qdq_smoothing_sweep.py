@@ -29,10 +29,9 @@ from aira_opt.spec.models import load_model
 
 # (alpha or None for no smoothing, smooth the down_proj input too, MatMul name parts kept fp32)
 SETTINGS = [
-    (None, False, ()), (0.5, True, ()), (0.8, True, ()), (0.9, True, ()),
-    (0.5, True, ("down_proj",)), (0.5, True, ("o_proj", "down_proj")),
-    (0.7, False, ("down_proj",)), (0.75, False, ("down_proj",)), (0.8, False, ("down_proj",)),
-    (0.85, False, ("down_proj",)), (0.8, True, ("down_proj",)),
+    (None, False, ()), (0.5, True, ()), (0.8, True, ()),
+    (0.5, False, ("down_proj",)), (0.7, False, ("down_proj",)), (0.8, False, ("down_proj",)),
+    (0.85, False, ("down_proj",)),
     (0.8, False, ("gate_proj", "up_proj", "down_proj", "o_proj")),  # attention inputs only
     (0.8, True, ("q_proj", "k_proj", "v_proj", "o_proj")),  # MLP only
 ]

@@ -46,6 +46,9 @@ def test_a_q4_1_grid_is_found_and_random_weights_are_not():
     assert grid is not None and grid.q.max() == 15 and grid.scale.shape == grid.offset.shape == (K // 32, N)
     assert on_grid(rng.normal(size=(K, N)).astype(np.float32), 32) is None
     assert on_grid(q4_1_weight(rng)[:40], 32) is None  # K not a whole number of blocks
+    broken = q4_1_weight(rng)
+    broken[5, 7] = np.nan
+    assert on_grid(broken, 32) is None
 
 
 def test_a_source_grid_is_stored_exactly_in_matmulnbits_plus_offsets():

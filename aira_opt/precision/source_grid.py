@@ -44,7 +44,7 @@ def on_grid(weight: np.ndarray, block: int) -> GridWeight | None:
     safe = np.where(scale > 0, scale, 1.0)
     steps = (blocks - low[:, None, :]) / safe[:, None, :]  # [K / block, block, N]
     q = np.rint(steps)
-    if np.abs(steps - q).max() > TOLERANCE or q.max() > LEVELS - 1:
+    if not np.isfinite(steps).all() or np.abs(steps - q).max() > TOLERANCE or q.max() > LEVELS - 1:
         return None
     return GridWeight(q.reshape(k, n).astype(np.uint8), scale.astype(np.float32), low.astype(np.float32), block)
 

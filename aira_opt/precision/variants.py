@@ -109,7 +109,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("int8", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.98), INT8_THRESHOLDS,
             weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=False, accuracy_level=4),
             fusable=True, fused_by_default=True),
-    # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound.
+    # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound. Weights
+    # already on a 4-bit grid (a GGUF source) keep it exactly (source_grid.py).
     Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95),
             Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10),
             weight_only=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
