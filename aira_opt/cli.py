@@ -131,7 +131,8 @@ def _load(model_spec: str, num_layers: int | None) -> LoadedModel:
                    "[default: 32; 128 is faster, less exact].")
 @click.option("--fuse/--no-fuse", default=None,
               help="Fuse attention into ONNX Runtime's CPU ops (GroupQueryAttention + RotaryEmbedding) "
-                   "[default: on for int8/int4, off for fp32; fp16/int8-qdq stay standard-op for TensorRT].")
+                   "[default: on for int8/int4, off for fp32; fp16/int8-qdq stay standard-op for TensorRT; "
+                   "fp16-cuda/int4-cuda are always fused].")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
                atol: float | None, block_size: int | None, fuse: bool | None) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""

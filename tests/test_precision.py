@@ -188,4 +188,4 @@ def test_block_size_option_sets_matmulnbits_blocks_and_rejects_bad_values(tmp_pa
     bad = CliRunner().invoke(main, ["export", "--precision", "int4", "--block-size", "100", "--output", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "power of two" in bad.output  # one rule, one exit code: a usage error
     wrong = CliRunner().invoke(main, ["export", "--precision", "fp16", "--block-size", "64", "--output", str(tmp_path / "y")])
-    assert wrong.exit_code == 2 and "int8 or int4 only" in wrong.output
+    assert wrong.exit_code == 2 and "--precision int8, int4 or int4-cuda only" in wrong.output

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from aira_opt.core.errors import AiraOptError, OptionError
+from aira_opt.precision.cuda import fp16_cuda_recipe, int4_cuda_recipe
 from aira_opt.precision.fp16 import fp16_recipe
 from aira_opt.precision.qdq import qdq_recipe
 from aira_opt.precision.recipe import Recipe, WeightOnlySettings, as_exported
@@ -74,7 +75,8 @@ class Variant:
         if block_size is None:
             return self.weight_only
         if self.weight_only is None:
-            raise OptionError("--block-size applies to --precision " + " or ".join(weight_only_names()) + " only")
+            names = weight_only_names()
+            raise OptionError(f"--block-size applies to --precision {', '.join(names[:-1])} or {names[-1]} only")
         if block_size not in BLOCK_SIZES:
             raise OptionError(f"--block-size must be a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]}, "
                               f"got {block_size}")
@@ -93,6 +95,7 @@ class Variant:
 
 TENSORRT_OR_CUDA = "TensorRT 11 (strongly typed) and ONNX Runtime CUDA; standard ops"
 ORT_CPU = "ONNX Runtime CPU (MatMulNBits contrib op)"
+ORT_CUDA = "ONNX Runtime CUDA (fused: GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization)"
 INT8_THRESHOLDS = Thresholds(min_greedy_fraction=0.0, min_top1=0.95, max_perplexity_ratio=1.05)
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -112,6 +115,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound. Weights
     # already on a 4-bit grid (a GGUF source) keep it exactly (source_grid.py).
     Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95),
+            Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10),
+            weight_only=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
+            fusable=True, fused_by_default=True),
+    # The fused fp16 graph for ONNX Runtime CUDA (GroupQueryAttention is fp16 there) and its int4 (cuda.py).
+    Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999),
+            Thresholds(min_greedy_fraction=7 / 8, min_top1=0.99), fusable=True, fused_by_default=True),
+    Variant("int4-cuda", ORT_CUDA + "; MatMulNBits with fp16 activations", int4_cuda_recipe, Tolerance(min_cosine=0.95),
             Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10),
             weight_only=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
             fusable=True, fused_by_default=True),

@@ -66,9 +66,9 @@ class OrtDecoder(DecoderLifecycle):
         self.session: ort.InferenceSession | None = None
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.kv_dtype: Any = None
-        # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only,
-        # and on the CPU provider they are made for (CUDA's GroupQueryAttention is fp16-only).
-        self.in_place_cache = provider == "cpu" and fused_graph(self.folder)
+        # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only
+        # (fp32/int8/int4 on the CPU provider, fp16-cuda/int4-cuda on CUDA or the CPU); TensorRT never.
+        self.in_place_cache = provider in ("cpu", "cuda") and fused_graph(self.folder)
 
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:
