@@ -78,13 +78,15 @@ def activation_maxima(model: onnx.ModelProto, names: list[str], feeds: Iterable[
     """max |x_j| per channel of each named activation over the calibration feeds (fp32, CPU)."""
     import onnxruntime as ort  # the calibration run; only the Q/DQ recipe needs it
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
+    # The probed tensors become outputs only for the serialization: no copy of the weights is kept meanwhile.
+    outputs = len(model.graph.output)
+    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
+    serialized = model.SerializeToString()
+    del model.graph.output[outputs:]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the named tensors
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del probe
+    session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    del serialized
     maxima: dict[str, np.ndarray] = {}
     for feed in feeds:
         values = session.run(names, feed)
