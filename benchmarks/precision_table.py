@@ -14,10 +14,12 @@ from pathlib import Path
 from aira_opt.core.artifacts import folder_size_bytes
 from aira_opt.core.tables import markdown_table
 
-# variant folder name -> export options (int8/int4 are fused by default; fp32-fused is fp32 with --fuse)
+# variant folder name -> export options (int8/int4 are fused by default; fp32-fused is fp32 with --fuse;
+# fp16-cuda/int4-cuda are ONNX Runtime CUDA's graphs, checked here on the CPU provider)
 VARIANTS = {"fp32": ["--precision", "fp32"], "fp32-fused": ["--precision", "fp32", "--fuse"],
             "fp16": ["--precision", "fp16"], "int8-qdq": ["--precision", "int8-qdq"],
-            "int8": ["--precision", "int8"], "int4": ["--precision", "int4"]}
+            "int8": ["--precision", "int8"], "int4": ["--precision", "int4"],
+            "fp16-cuda": ["--precision", "fp16-cuda"], "int4-cuda": ["--precision", "int4-cuda"]}
 
 
 def main() -> None:
