@@ -12,6 +12,7 @@ activations and scales. ONNX Runtime's CPU provider has fp16 kernels for these o
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import onnx
 
@@ -20,7 +21,7 @@ from aira_opt.export.onnx_files import remove_model_files, save_model
 from aira_opt.precision.fp16 import logits_in_fp32
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput
-from aira_opt.precision.weight_only import quantize_weight_only
+from aira_opt.precision.weight_only import quantize_model
 
 RUNTIME = "ONNX Runtime CUDA provider (com.microsoft contrib ops, fp16; CPU kernels exist too)"
 
@@ -39,16 +40,20 @@ def _fused_only(job: RecipeInput, name: str) -> None:
         raise OptionError(f"{name} is the fused graph for CUDA; --precision fp16 is the standard-op fp16 one")
 
 
+def _save_fp16(model: onnx.ModelProto, output: Path) -> None:
+    half = to_fp16(model)
+    del model
+    remove_model_files(output)
+    save_model(half, output)
+
+
 def fp16_cuda_recipe(job: RecipeInput) -> RecipeOutput:
     _fused_only(job, "fp16-cuda")
     source = job.fp32_graph()
     gc.collect()
     model = onnx.load(str(source.path))
     fusion = fuse_and_pack(model, job.loaded.config)
-    half = to_fp16(model)
-    del model
-    remove_model_files(job.output)
-    save_model(half, job.output)
+    _save_fp16(model, job.output)
     return RecipeOutput(quantization={"method": "onnxruntime.transformers.float16 on the fused graph",
                                       "kv_cache": "float16", "logits": "float32"},
                         fusion={**fusion, "runtime": RUNTIME}, kept_fp32="logits only")
@@ -58,11 +63,8 @@ def int4_cuda_recipe(job: RecipeInput) -> RecipeOutput:
     _fused_only(job, "int4-cuda")
     assert job.weight_only is not None, "a weight-only variant always has its settings"
     source = job.fp32_graph()
-    quantized = job.output.with_name("quantized-fp32.onnx")  # inside the export's temporary folder
-    quantization, fusion = quantize_weight_only(source.path, quantized, job.weight_only, job.loaded.config)
-    half = to_fp16(onnx.load(str(quantized)))
-    remove_model_files(quantized)
-    remove_model_files(job.output)
-    save_model(half, job.output)
+    model, quantization, fusion = quantize_model(onnx.load(str(source.path)), job.weight_only, job.loaded.config)
+    assert fusion is not None, "fused above: a config was given"
+    _save_fp16(model, job.output)
     return RecipeOutput(quantization={**quantization, "activations": "float16", "kv_cache": "float16"},
-                        fusion={**(fusion or {}), "runtime": RUNTIME}, kept_fp32="logits only")
+                        fusion={**fusion, "runtime": RUNTIME}, kept_fp32="logits only")

@@ -97,14 +97,16 @@ TENSORRT_OR_CUDA = "TensorRT 11 (strongly typed) and ONNX Runtime CUDA; standard
 ORT_CPU = "ONNX Runtime CPU (MatMulNBits contrib op)"
 ORT_CUDA = "ONNX Runtime CUDA (fused: GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization)"
 INT8_THRESHOLDS = Thresholds(min_greedy_fraction=0.0, min_top1=0.95, max_perplexity_ratio=1.05)
+FP16_THRESHOLDS = Thresholds(min_greedy_fraction=7 / 8, min_top1=0.99)
+INT4_THRESHOLDS = Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10)
+INT4_SETTINGS = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4)
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp32", "any ONNX runtime; standard ops (fused on request: ONNX Runtime CPU)", as_exported,
             Tolerance(atol=1e-3),
             Thresholds(min_greedy_fraction=1.0, min_top1=1.0, max_abs_logit_diff=1e-3),
             fusable=True, tensorrt=True, enforce_on_random_weights=True),
-    Variant("fp16", TENSORRT_OR_CUDA, fp16_recipe, Tolerance(min_cosine=0.999),
-            Thresholds(min_greedy_fraction=7 / 8, min_top1=0.99), tensorrt=True),
+    Variant("fp16", TENSORRT_OR_CUDA, fp16_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS, tensorrt=True),
     # Random-token probes leave the calibrated activation ranges (clipped): a looser sanity bar.
     Variant("int8-qdq", "TensorRT 11 explicit quantization; standard ops", qdq_recipe, Tolerance(min_cosine=0.95),
             INT8_THRESHOLDS, tensorrt=True),
@@ -114,17 +116,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             fusable=True, fused_by_default=True),
     # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound. Weights
     # already on a 4-bit grid (a GGUF source) keep it exactly (source_grid.py).
-    Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95),
-            Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10),
-            weight_only=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
-            fusable=True, fused_by_default=True),
+    Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95), INT4_THRESHOLDS,
+            weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True),
     # The fused fp16 graph for ONNX Runtime CUDA (GroupQueryAttention is fp16 there) and its int4 (cuda.py).
-    Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999),
-            Thresholds(min_greedy_fraction=7 / 8, min_top1=0.99), fusable=True, fused_by_default=True),
-    Variant("int4-cuda", ORT_CUDA + "; MatMulNBits with fp16 activations", int4_cuda_recipe, Tolerance(min_cosine=0.95),
-            Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10),
-            weight_only=WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4),
+    Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS,
             fusable=True, fused_by_default=True),
+    Variant("int4-cuda", ORT_CUDA + "; MatMulNBits with fp16 activations", int4_cuda_recipe,
+            Tolerance(min_cosine=0.95), INT4_THRESHOLDS, weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True),
     # optimum's dynamic int8 (benchmarks/optimum_int8.py makes it): checked and benched, not exported by us.
     Variant("int8-dynamic", "ONNX Runtime CPU (MatMulInteger, optimum's recipe)", None, Tolerance(min_cosine=0.98),
             INT8_THRESHOLDS),

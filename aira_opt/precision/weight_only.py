@@ -15,15 +15,14 @@ from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySetti
 from aira_opt.precision.source_grid import store_source_grids
 
 
-def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings,
-                         fuse_config: Any | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_config: Any | None = None
+                   ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any] | None]:
     """MatMulNBits over every weight MatMul; with a config, attention is fused and projections packed first
     (the quantizer leaves the fused nodes alone and quantizes the packed weights like any other). At 4 bits,
     weights already on a 4-bit grid keep it exactly (source_grid.py) instead of being rounded a second time.
-    Returns the quantization record and the fusion record (None when not fused)."""
+    Returns the quantized model, the quantization record and the fusion record (None when not fused)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    model = onnx.load(str(fp32_path))
     fusion = fuse_and_pack(model, fuse_config) if fuse_config is not None else None
     quantizable = len(weight_matmuls(model))
     kept_grid = store_source_grids(model, settings.accuracy_level) if settings.bits == 4 else []
@@ -33,8 +32,16 @@ def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySe
                                            is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
                                            algo_config=config, nodes_to_exclude=kept_grid)
     quantizer.process()
-    save_model(quantizer.model.model, out_path)
-    return {**settings.describe(), "quantized_nodes": quantizable, "source_grid_nodes": len(kept_grid)}, fusion
+    quantization = {**settings.describe(), "quantized_nodes": quantizable, "source_grid_nodes": len(kept_grid)}
+    return quantizer.model.model, quantization, fusion
+
+
+def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings,
+                         fuse_config: Any | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """quantize_model from file to file; returns the quantization and fusion records."""
+    model, quantization, fusion = quantize_model(onnx.load(str(fp32_path)), settings, fuse_config)
+    save_model(model, out_path)
+    return quantization, fusion
 
 
 def weight_only_recipe(job: RecipeInput) -> RecipeOutput:
