@@ -19,6 +19,7 @@ from aira_opt.check.parity import BASELINES, load_questions, report_table, run_c
 from aira_opt.core.artifacts import read_manifest, refuse_existing
 from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
 from aira_opt.decoders import open_decoder
+from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.export.support import read_format
 from aira_opt.generation.chat import Chat, settings_from_folder
 from aira_opt.inspection import inspect_folder
@@ -133,9 +134,13 @@ def _load(model_spec: str, num_layers: int | None) -> LoadedModel:
               help="Fuse attention into ONNX Runtime's CPU ops (GroupQueryAttention + RotaryEmbedding) "
                    "[default: on for int8/int4, off for fp32; fp16/int8-qdq stay standard-op for TensorRT; "
                    "fp16-cuda/int4-cuda are always fused].")
+@click.option("--exporter", "exporter_name", type=click.Choice(list(EXPORTERS)), default=DEFAULT_EXPORTER,
+              show_default=True, help="torch: our torch.onnx (dynamo) exporter; optimum: optimum-onnx's, which needs "
+                                      "`pip install 'aira-opt[optimum]'` (transformers 4.57).")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
-               atol: float | None, block_size: int | None, fuse: bool | None) -> None:
+               atol: float | None, block_size: int | None, fuse: bool | None, exporter_name: str) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
+    EXPORTERS[exporter_name].check_available()  # a missing extra is an error before the slow model load
     record = variant(precision)
     record.settings(block_size)  # option errors before the slow model load
     fused = record.fused(fuse)
@@ -145,7 +150,7 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
     # The variants start from the fp32 graph: an existing, intact fp32 export of the same model saves a re-export.
     reuse = None if precision == "fp32" else default_output(loaded.name, "fp32")
     export_model(loaded, precision, output, force=force, block_size=block_size, fused=fused, atol=atol,
-                 reuse_fp32=reuse)
+                 reuse_fp32=reuse, exporter_name=exporter_name)
     click.echo(f"wrote {output}")
 
 

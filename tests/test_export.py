@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from aira_opt.cli import main
 from aira_opt.core.artifacts import verify_manifest
 from aira_opt.core.contract import DecoderContract, position_ids_from_mask
+from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
 from helpers import run_numpy
 
 
@@ -33,7 +34,8 @@ def test_export_folder_is_self_describing(tiny_export):
     manifest = json.loads((tiny_export / "manifest.json").read_text())
     assert manifest["precision"] == "fp32" and manifest["opset"] == 18
     assert manifest["source_model"]["source"] == "aira-tiny"
-    assert {"torch", "transformers", "optimum", "onnx", "onnxruntime"} <= set(manifest["versions"])
+    assert {"torch", "transformers", "onnxscript", "onnx", "onnxruntime"} <= set(manifest["versions"])
+    assert manifest["exporter"] == EXPORTERS[DEFAULT_EXPORTER].description
     gen = json.loads((tiny_export / "generation_config.json").read_text())
     assert (gen["repetition_penalty"], gen["temperature"], gen["top_k"], gen["top_p"], gen["max_new_tokens"]) == (
         1.2, 0.2, 30, 0.3, 200)

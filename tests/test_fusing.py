@@ -64,9 +64,14 @@ def test_fused_graph_equals_the_exported_graph_on_a_left_padded_batch_with_decod
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask, 9), **past}
     for _ in range(4):  # prefill, then three decode steps
         want, got = plain.run(None, feeds), fused.run(None, feeds)
-        for name, a, b in zip(contract.output_names(), want, got):
+        real = mask.astype(bool)                                                # [B, T]: not padding
+        new = real[:, -feeds["input_ids"].shape[1]:]                            # [B, S]
+        # Padding positions are never attended to, so what a graph computes there is its own business (the
+        # exporters' masks differ there); every real position must agree.
+        assert want[0].shape == got[0].shape and np.abs(want[0] - got[0])[new].max() < 1e-4, "logits"
+        for name, a, b in zip(contract.present_names(), want[1:], got[1:]):
             assert a.shape == b.shape, name
-            assert np.abs(a - b).max() < 1e-4, name
+            assert np.abs(a - b).transpose(0, 2, 1, 3)[real].max() < 1e-4, name  # [B, T, kv, D] at real T
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
         feeds = {"input_ids": want[0][:, -1].argmax(-1)[:, None], "attention_mask": mask,
                  "position_ids": position_ids_from_mask(mask, 1),

@@ -151,23 +151,16 @@ def test_fp16_left_padded_batch_stays_finite_and_matches_one_by_one(tiny, tiny_v
 
 
 def test_fp16_export_keeps_external_weights_in_place(tiny, tmp_path, monkeypatch):
-    """Models over 2 GB arrive from optimum with model.onnx_data; the fp16 graph edits must not pull those weights
+    """Large models arrive from the exporter with model.onnx_data; the fp16 graph edits must not pull those weights
     into the proto (which cannot be serialized past 2 GB) nor drop the data file. Found on the GPU run with the
-    1.1B model; here the tiny model is made to arrive with external data the same way."""
+    1.1B model; here the exporter's size threshold is lowered so the tiny model arrives the same way."""
     import aira_opt.export.torch_onnx as torch_onnx
+    from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
     from aira_opt.precision.fp16 import export_fp16
 
-    real_export = torch_onnx.export_graph
-
-    def export_with_external_data(loaded, folder):
-        real_export(loaded, folder)
-        model = onnx.load(str(folder / "model.onnx"))
-        onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
-        return folder / "model.onnx"
-
-    monkeypatch.setattr(torch_onnx, "export_graph", export_with_external_data)
-    export_fp16(tiny, tmp_path)
+    monkeypatch.setattr(torch_onnx, "EXTERNAL_DATA_THRESHOLD", 0)
+    export_fp16(tiny, tmp_path, EXPORTERS[DEFAULT_EXPORTER])
+    tiny.model.config.save_pretrained(tmp_path)  # what the pipeline writes beside the graph, for the decoder below
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     assert (tmp_path / "model.onnx_data").is_file()
     assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.graph.initializer if len(i.dims) == 2)

@@ -24,7 +24,8 @@ from typing import Any
 from aira_opt.core.errors import ArtifactExistsError, DiskFullError, ExportFolderError
 
 MANIFEST = "manifest.json"
-LIBRARIES = ("aira-opt", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers")
+LIBRARIES = ("aira-opt", "torch", "transformers", "onnxscript", "optimum", "optimum-onnx", "onnx", "onnxruntime",
+             "tokenizers")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -39,6 +39,13 @@ class ProviderUnavailableError(AiraOptError):
     """An execution provider (CUDA, TensorRT) was asked for but is not installed."""
 
 
+class MissingExtraError(AiraOptError):
+    """An optional part (an exporter, a bench backend) needs a package extra that is not installed."""
+
+    def __init__(self, what: str, extra: str, note: str = ""):
+        super().__init__(f"{what} needs the `{extra}` extra: pip install 'aira-opt[{extra}]'" + (f" ({note})" if note else ""))
+
+
 class PromptTooLongError(AiraOptError):
     """A prompt plus the requested new tokens does not fit the model's context."""
 

@@ -1,68 +1,125 @@
-"""PyTorch -> ONNX with KV cache: one graph for prefill (past length 0) and decode, through optimum's exporter.
+"""PyTorch -> ONNX through torch.onnx's dynamo exporter: our contract's graph, one graph for prefill (past length 0)
+and decode, standard ai.onnx ops only.
 
-This module only produces `model.onnx` (and `model.onnx_data` for large models) in a folder; precision
-recipes, validation and the manifest belong to aira_opt.precision.pipeline.
+The model's forward takes a cache object, which torch.export cannot take as a graph input; `FlatCacheDecoder`
+takes the contract's flat inputs, builds the cache inside forward (aira_opt.spec.cache, the one place that knows
+each transformers version's calls) and returns logits and the flat presents. The mask's length gets a dim of its
+own (torch.export cannot declare it as past + sequence); it is renamed to the contract's name after export.
 """
 
 from __future__ import annotations
 
+import ast
+import logging
 import warnings
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import torch
 
-from aira_opt.core.errors import ValidationError
-from aira_opt.export.onnx_files import remove_model_files, save_model
+from aira_opt.core.contract import BATCH, PAST, SEQ, TOTAL, DecoderContract
+from aira_opt.export.onnx_files import EXTERNAL_DATA_THRESHOLD
+from aira_opt.spec.cache import cache_from_pairs, forward, pairs_from_cache
 from aira_opt.spec.models import LoadedModel
 
-OPSET = 18  # optimum's default for Llama; TensorRT 10+/11's ONNX parser supports it
-EXPORTER = "optimum.exporters.onnx (text-generation-with-past)"
+# Example sizes for tracing: each at least 2 and all different, so no dim is specialised or merged with another.
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
+MASK_DIM = "attention_mask_length"  # torch.export's own name for the mask's length, renamed to TOTAL after export
 
 
-def export_graph(loaded: LoadedModel, folder: Path) -> Path:
-    """Export `loaded.model` (in whatever dtype it is) into `folder`; returns the path of model.onnx."""
-    from optimum.exporters.onnx import onnx_export_from_model
+class FlatCacheDecoder(torch.nn.Module):
+    """The contract as a module: (input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings from transformers are expected and noisy
-        onnx_export_from_model(
-            loaded.model, folder, opset=OPSET, task="text-generation-with-past", do_validation=False,
-            preprocessors=[loaded.tokenizer],
-        )
-    onnx_files = sorted(p.name for p in folder.glob("*.onnx"))
-    if onnx_files != ["model.onnx"]:
-        raise ValidationError([f"expected one merged model.onnx from optimum, got {onnx_files}"])
-    if getattr(loaded.config, "tie_word_embeddings", False):
-        tie_embeddings(folder / "model.onnx")
-    return folder / "model.onnx"
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # input_ids, position_ids: [B, S]; attention_mask: [B, P + S]; past: 2 per layer, [B, kv_heads, P, D]
+        cache = cache_from_pairs(list(zip(past[0::2], past[1::2])))
+        logits, cache = forward(self.model, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids)
+        # logits: [B, S, V]; presents: 2 per layer, [B, kv_heads, P + S, D]
+        return (logits, *[t for pair in pairs_from_cache(cache) for t in pair])
 
 
-def tie_embeddings(path: Path) -> bool:
-    """Keep one copy of a tied embedding table: the exporter writes lm_head as its own transposed copy of the
-    embedding; read it from the table through a Transpose instead. Returns whether a copy was removed."""
-    model = onnx.load(str(path))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    table = next((n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
-                  and "input_ids" in n.input[1:]), None)
-    producers = {o: n for n in graph.node for o in n.output}
-    head = producers.get("logits")
-    while head is not None and head.op_type != "MatMul" and head.input:  # past a Cast to the fp32 logits
-        head = producers.get(head.input[0])
-    if table is None or head is None or head.input[1] not in inits:
-        return False
-    weight = numpy_helper.to_array(inits[head.input[1]])
-    if not np.array_equal(weight, numpy_helper.to_array(inits[table]).T):
-        return False
-    copy = head.input[1]
-    graph.node.insert(0, helper.make_node("Transpose", [table], [f"{table}_transposed"], perm=[1, 0],
-                                          name="tied_lm_head_transpose"))  # reads only an initializer
-    head.input[1] = f"{table}_transposed"
-    for k in reversed(range(len(graph.initializer))):  # in place: no copy of the other weights
-        if graph.initializer[k].name == copy:
-            del graph.initializer[k]
-    remove_model_files(path)
-    save_model(model, path)
-    return True
+def example_inputs(contract: DecoderContract, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    b, s, p = EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST
+    input_ids = torch.ones(b, s, dtype=torch.int64)                                   # [B, S]
+    attention_mask = torch.ones(b, p + s, dtype=torch.int64)                          # [B, P + S]
+    position_ids = torch.arange(p, p + s, dtype=torch.int64).expand(b, s).contiguous()  # [B, S]
+    past = [torch.zeros(b, contract.num_kv_heads, p, contract.head_dim, dtype=dtype)  # [B, kv, P, D]
+            for _ in contract.past_names()]
+    return (input_ids, attention_mask, position_ids, *past)
+
+
+def dynamic_shapes(contract: DecoderContract) -> dict[str, Any]:
+    """torch.export's dims for the wrapper's arguments, named as in the contract."""
+    from torch.export import Dim
+
+    batch, seq, past, total = Dim(BATCH), Dim(SEQ), Dim(PAST), Dim(MASK_DIM)
+    return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+            "position_ids": {0: batch, 1: seq},
+            "past": tuple({0: batch, 2: past} for _ in contract.past_names())}
+
+
+def name_by_module(graph: Any) -> None:
+    """Name each node after the module that made it (`/model/layers/0/self_attn/q_proj/MatMul`, as optimum's
+    exporter does), parameters by transformers' names, and each projection's folded weight after its parameter
+    (`model.layers.0.self_attn.q_proj.weight.T`, stored transposed); drop the per-node trace metadata (source
+    lines, fx nodes), which would bloat the file."""
+    for value in list(graph.initializers.values()):  # `model.` is the wrapper's attribute, not the model's
+        if value.name.startswith("model.") and value.name[len("model."):] not in graph.initializers:
+            value.name = value.name[len("model."):]
+    taken: Counter[str] = Counter()
+    for node in graph:
+        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        module = scopes[-2].removeprefix("model.") if len(scopes) >= 2 else ""
+        base = "/" + "/".join(filter(None, [*module.split("."), node.op_type]))
+        taken[base] += 1
+        node.name = base if taken[base] == 1 else f"{base}_{taken[base] - 1}"
+        node.metadata_props.clear()
+        weight = node.inputs[1] if node.op_type == "MatMul" and module and len(node.inputs) == 2 else None
+        if (weight is not None and weight.is_initializer() and len(weight.uses()) == 1
+                and f"{module}.weight.T" not in graph.initializers):
+            weight.name = f"{module}.weight.T"
+
+
+def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:
+    """Write `folder`/model.onnx (and model.onnx_data when large) from `loaded.model`, in the model's dtype."""
+    import onnx_ir as ir
+
+    contract = DecoderContract.from_config(loaded.config)
+    dtype = next(loaded.model.parameters()).dtype
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # deprecation and tracer notes from transformers and torch.export
+            program = torch.onnx.export(
+                FlatCacheDecoder(loaded.model), example_inputs(contract, dtype), dynamo=True, opset_version=opset,
+                dynamic_shapes=dynamic_shapes(contract), input_names=contract.input_names(),
+                output_names=contract.output_names(), optimize=True, verbose=False, report=False)
+    finally:
+        registry_log.setLevel(level)
+    model = program.model
+    name_by_module(model.graph)
+    shapes = {**contract.input_shapes(), **contract.output_shapes()}
+    for value in [*model.graph.inputs, *model.graph.outputs]:  # the contract's dim names, the mask's included
+        value.shape = ir.Shape(shapes[value.name])
+    path = folder / "model.onnx"
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path, external_data=path.name + "_data")
+    else:
+        ir.save(model, path)
+    del program, model
+    # No value_info: a later pass that changes a type (fp16, Q/DQ) must not meet a stale one. The weights stay
+    # where they are (model.onnx_data for large models).
+    graph_only = onnx.load(str(path), load_external_data=False)
+    del graph_only.graph.value_info[:]
+    onnx.save_model(graph_only, str(path))

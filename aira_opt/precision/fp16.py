@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from aira_opt.export import torch_onnx
+from aira_opt.export.exporters import Exporter
 from aira_opt.precision.graph import fp32_islands, tensor_types
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput
 from aira_opt.spec.models import LoadedModel
@@ -50,13 +50,13 @@ def logits_in_fp32(model: onnx.ModelProto) -> None:
             out.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-def export_fp16(loaded: LoadedModel, folder: Path) -> dict[str, Any]:
+def export_fp16(loaded: LoadedModel, folder: Path, exporter: Exporter) -> dict[str, Any]:
     """Export the fp16 model into `folder` and lift softmax and logits to fp32; returns the quantization record."""
     half = copy.deepcopy(loaded.model).half()
     # Eager attention exports as plain fp16 MatMuls; torch's SDPA export upcasts attention to fp32 and
     # with it o_proj and the residual adds, which would leave large fp32 islands in a TensorRT graph.
     half.config._attn_implementation = "eager"
-    torch_onnx.export_graph(LoadedModel(loaded.name, loaded.source, loaded.kind, half, loaded.tokenizer), folder)
+    exporter.export_graph(LoadedModel(loaded.name, loaded.source, loaded.kind, half, loaded.tokenizer), folder)
     del half
     path = folder / "model.onnx"
     # The edits touch nodes only: leave the weights where they are (model.onnx_data for models over 2 GB,
@@ -74,6 +74,6 @@ def export_fp16(loaded: LoadedModel, folder: Path) -> dict[str, Any]:
 
 
 def fp16_recipe(job: RecipeInput) -> RecipeOutput:
-    quantization = export_fp16(job.loaded, job.output.parent)
+    quantization = export_fp16(job.loaded, job.output.parent, job.exporter)
     model = onnx.load(str(job.output), load_external_data=False)
     return RecipeOutput(quantization=quantization, kept_fp32=fp32_islands(model))

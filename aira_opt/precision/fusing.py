@@ -254,7 +254,8 @@ def fuse_attention(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
 
 
 def fuse_residual_norms(model: onnx.ModelProto) -> int:
-    """Residual Add + RMSNorm (transformers' Pow/ReduceMean/Add/Sqrt/Div/Mul spelling, with its fp32 Casts)
+    """Residual Add + RMSNorm (transformers' Pow/ReduceMean/Add/Sqrt/Div/Mul spelling, with its fp32 Casts, as
+    optimum's exporter writes it; the dynamo exporter writes rsqrt as Sqrt/Reciprocal instead of Sqrt/Div)
     -> one SkipSimplifiedLayerNormalization, whose fourth output is the residual sum the next layer adds to.
     ONNX Runtime fuses the norm alone at load time but leaves the Add; returns how many were fused."""
     graph = Graph(model)
@@ -278,7 +279,7 @@ def fuse_residual_norms(model: onnx.ModelProto) -> int:
         mean = pow_ and only(pow_.output[0], "ReduceMean")
         eps_add = mean and only(mean.output[0], "Add")
         sqrt = eps_add and only(eps_add.output[0], "Sqrt")
-        div = sqrt and only(sqrt.output[0], "Div")
+        div = sqrt and (only(sqrt.output[0], "Div") or only(sqrt.output[0], "Reciprocal"))  # 1 / sqrt, either way
         scale = div and only(div.output[0], "Mul")
         if not (scale and x in scale.input and graph.constant_value(pow_.input[1]) == 2.0):
             continue

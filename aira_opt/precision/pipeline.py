@@ -15,7 +15,7 @@ from aira_opt.core.artifacts import atomic_folder, graph_is_fused, read_manifest
 from aira_opt.core.contract import DecoderContract
 from aira_opt.core.errors import OptionError
 from aira_opt.core.progress import Steps
-from aira_opt.export import torch_onnx
+from aira_opt.export.exporters import DEFAULT_EXPORTER, OPSET, Exporter, exporter
 from aira_opt.export.portable import make_portable
 from aira_opt.export.support import model_format, write_support_files
 from aira_opt.precision.recipe import Fp32Graph, RecipeInput
@@ -29,13 +29,13 @@ def default_output(model_name: str, folder_name: str) -> Path:
     return Path("export") / model_name / folder_name
 
 
-def reusable_fp32(loaded: LoadedModel, folder: Path) -> Path | None:
-    """model.onnx of an existing fp32 export of the same model in `folder`, when its manifest matches the model,
-    its files still hash to the manifest and it is standard-op; None means export afresh."""
+def reusable_fp32(loaded: LoadedModel, folder: Path, by: Exporter) -> Path | None:
+    """model.onnx of an existing fp32 export of the same model in `folder`, when its manifest matches the model
+    and the exporter, its files still hash to the manifest and it is standard-op; None means export afresh."""
     if not (folder / "manifest.json").is_file():
         return None
     manifest = read_manifest(folder)
-    if manifest.get("precision") != "fp32" or graph_is_fused(manifest):
+    if manifest.get("precision") != "fp32" or graph_is_fused(manifest) or manifest.get("exporter") != by.description:
         return None  # a fused fp32 graph cannot be fused again or fed to the TensorRT-facing variants
     if manifest.get("source_model", {}) != _json_round_trip(loaded.describe()) or verify_manifest(folder):
         return None
@@ -57,8 +57,8 @@ class Fp32Source:
     """The fp32 graph recipes start from, made at most once: reused from an existing export when one is given,
     else exported into a scratch folder inside the partial output (so whatever cleans that, cleans this)."""
 
-    def __init__(self, loaded: LoadedModel, scratch: Path, reuse: Path | None):
-        self.loaded, self.scratch, self.reuse = loaded, scratch, reuse
+    def __init__(self, loaded: LoadedModel, scratch: Path, reuse: Path | None, by: Exporter):
+        self.loaded, self.scratch, self.reuse, self.by = loaded, scratch, reuse, by
         self.graph: Fp32Graph | None = None
 
     def __call__(self) -> Fp32Graph:
@@ -66,23 +66,26 @@ class Fp32Source:
             if self.reuse is not None:
                 self.graph = Fp32Graph(self.reuse, owned=False)
             else:
-                self.graph = Fp32Graph(torch_onnx.export_graph(self.loaded, self.scratch), owned=True)
+                self.graph = Fp32Graph(self.by.export_graph(self.loaded, self.scratch), owned=True)
         return self.graph
 
 
 def export_model(loaded: LoadedModel, precision: str, output: Path, force: bool = False, quiet: bool = False,
                  block_size: int | None = None, fused: bool | None = None, atol: float | None = None,
-                 reuse_fp32: Path | None = None) -> dict[str, Any]:
+                 reuse_fp32: Path | None = None, exporter_name: str = DEFAULT_EXPORTER) -> dict[str, Any]:
     """Export `loaded` as `precision` into `output` (atomically), validate it, write its manifest; returns it.
 
     block_size: int8/int4 MatMulNBits block; fused: None for the variant's default; atol: overrides the
-    sanity bar's max |logit diff| (fp32); reuse_fp32: an fp32 export folder whose graph may be reused."""
+    sanity bar's max |logit diff| (fp32); reuse_fp32: an fp32 export folder whose graph may be reused;
+    exporter_name: which of export.exporters.EXPORTERS turns the model into ONNX."""
     record: Variant = variant(precision)
+    by = exporter(exporter_name)
+    by.check_available()
     if record.recipe is None:
         raise OptionError(f"{precision} is made outside aira-opt; export one of {', '.join(exportable_names())}")
     settings = record.settings(block_size)
     is_fused = record.fused(fused)
-    reuse = reusable_fp32(loaded, reuse_fp32) if reuse_fp32 is not None else None
+    reuse = reusable_fp32(loaded, reuse_fp32, by) if reuse_fp32 is not None else None
     tolerance = record.tolerance if atol is None else Tolerance(atol=atol, min_cosine=record.tolerance.min_cosine)
     enforce = record.enforce_on_random_weights or loaded.kind != "random"
     contract = DecoderContract.from_config(loaded.config)
@@ -90,10 +93,10 @@ def export_model(loaded: LoadedModel, precision: str, output: Path, force: bool 
     steps = Steps(4, quiet=quiet)
     with atomic_folder(output, force) as tmp:
         with tempfile.TemporaryDirectory(dir=tmp, prefix=".fp32-") as scratch:  # gone before hashing
-            with steps.step(f"exporting {loaded.name} as {name} ({torch_onnx.EXPORTER}, opset {torch_onnx.OPSET}"
+            with steps.step(f"exporting {loaded.name} as {name} ({by.description}, opset {OPSET}"
                             + (", reusing the fp32 graph of " + str(reuse.parent) if reuse else "") + ")"):
-                job = RecipeInput(loaded, tmp / "model.onnx", Fp32Source(loaded, Path(scratch), reuse), is_fused,
-                                  settings)
+                job = RecipeInput(loaded, tmp / "model.onnx", Fp32Source(loaded, Path(scratch), reuse, by), is_fused,
+                                  by, settings)
                 result = record.recipe(job)
         with steps.step("writing tokenizer, config, generation defaults, metadata and genai_config.json"):
             write_support_files(loaded, tmp)
@@ -113,8 +116,8 @@ def export_model(loaded: LoadedModel, precision: str, output: Path, force: bool 
                 "target": record.target,
                 "source_model": loaded.describe(),
                 "prompt_format": model_format(loaded).describe(),
-                "opset": torch_onnx.OPSET,
-                "exporter": torch_onnx.EXPORTER + ("" if precision == "fp32" else " + aira_opt.precision"),
+                "opset": OPSET,
+                "exporter": by.description,
                 "contract": contract.describe(),
                 "kept_fp32": result.kept_fp32,
                 "quantization": result.quantization,

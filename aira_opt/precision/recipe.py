@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from aira_opt.export.exporters import Exporter
 from aira_opt.export.onnx_files import remove_model_files, save_model
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.spec.models import LoadedModel
@@ -44,6 +45,7 @@ class RecipeInput:
     output: Path  # the model.onnx to write, inside the export's temporary folder
     fp32_graph: Callable[[], Fp32Graph]  # exports (once) or reuses the fp32 graph
     fused: bool  # rewrite attention to ONNX Runtime's CPU contrib ops (fusing.py)
+    exporter: Exporter  # what turns the PyTorch model into ONNX (recipes that export their own graph use it too)
     weight_only: WeightOnlySettings | None = None  # int8/int4: the MatMulNBits settings to use
 
 

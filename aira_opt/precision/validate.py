@@ -18,6 +18,7 @@ from aira_opt.core.contract import ORT_KV_DTYPES, DecoderContract, empty_past, p
 from aira_opt.core.errors import ValidationError
 from aira_opt.core.numerics import logit_agreement
 from aira_opt.precision.variants import Tolerance
+from aira_opt.spec.cache import forward
 from aira_opt.spec.models import LoadedModel
 from aira_opt.spec.prompts import ordinary_token_ids
 
@@ -79,10 +80,9 @@ def validate_against_torch(loaded: LoadedModel, folder: Path, tolerance: Toleran
             feeds = {"input_ids": step_ids, "attention_mask": full_mask, "position_ids": pos, **past_ort}
             out = dict(zip(output_names, session.run(output_names, feeds)))
             with torch.no_grad():
-                ref = model(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(full_mask),
-                            position_ids=torch.from_numpy(pos), past_key_values=past_torch, use_cache=True)
-            past_torch = ref.past_key_values
-            ref_logits = ref.logits.float().numpy()
+                ref, past_torch = forward(model, past_torch, input_ids=torch.from_numpy(step_ids),
+                                          attention_mask=torch.from_numpy(full_mask), position_ids=torch.from_numpy(pos))
+            ref_logits = ref.float().numpy()
             # Padded positions' logits are meaningless in both; compare real tokens only.
             real = full_mask[:, -step_ids.shape[1]:].astype(bool)
             stats = logit_agreement(ref_logits[real], out["logits"][real])  # real positions: [N, V]

@@ -115,7 +115,9 @@ def detect_format(tokenizer: Any, generation_config: Any = None) -> PromptFormat
                                                  add_generation_prompt=True)
         if rendered.count(marker) == 1:
             return PromptFormat("chat-template", rendered.replace(marker, QUESTION), tuple(stops), pads[0])
-    bos = tokenizer.bos_token if tokenizer.bos_token and getattr(tokenizer, "add_bos_token", True) else ""
+    # Whether the tokenizer itself starts a text with bos (its post-processor does, whatever flag says so).
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    bos = tokenizer.bos_token if tokenizer.bos_token and adds_bos else ""
     return PromptFormat("plain", bos + QUESTION, tuple(stops), pads[0])
 
 
@@ -124,17 +126,37 @@ def _template_ids(tokenizer: Any, part: str) -> list[int]:
     return list(tokenizer(part, add_special_tokens=False)["input_ids"]) if part else []
 
 
+def _text_after_last_control_token(tokenizer: Any, part: str) -> str:
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t] + [
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    end = max((part.rfind(t) + len(t) for t in set(specials) if t in part), default=0)
+    return part[end:]
+
+
+def _continuation_ids(tokenizer: Any, lead: str, text: str) -> list[int]:
+    """Ids of user `text` as the tokenizer splits it right after the template's plain `lead` (`user\n`, say):
+    a SentencePiece tokenizer marks only a segment's first word with a space, so text tokenized on its own would
+    differ from the whole prompt tokenized at once. Falls back to the text alone if the lead does not split off."""
+    if lead:
+        alone, joint = text_ids(tokenizer, lead), text_ids(tokenizer, lead + text)
+        if joint[:len(alone)] == alone:
+            return joint[len(alone):]
+    return text_ids(tokenizer, text)
+
+
 def prompt_ids(tokenizer: Any, question: str, fmt: PromptFormat | None = None) -> list[int]:
     """The ids the model expects before its answer: the template's parts as control tokens, the question as text."""
     fmt = fmt or detect_format(tokenizer)
     before, after = fmt.template.split(QUESTION, 1)
-    return [*_template_ids(tokenizer, before), *text_ids(tokenizer, question), *_template_ids(tokenizer, after)]
+    question_ids = _continuation_ids(tokenizer, _text_after_last_control_token(tokenizer, before), question)
+    return [*_template_ids(tokenizer, before), *question_ids, *_template_ids(tokenizer, after)]
 
 
 def conversation_ids(tokenizer: Any, question: str, answer: str, fmt: PromptFormat | None = None) -> list[int]:
     """A whole turn, as in training: the prompt, the answer as text, the first stop token."""
     fmt = fmt or detect_format(tokenizer)
-    return [*prompt_ids(tokenizer, question, fmt), *text_ids(tokenizer, answer), fmt.stop_ids[0]]
+    lead = _text_after_last_control_token(tokenizer, fmt.template.split(QUESTION, 1)[1])
+    return [*prompt_ids(tokenizer, question, fmt), *_continuation_ids(tokenizer, lead, answer), fmt.stop_ids[0]]
 
 
 def decode_answer(tokenizer: Any, ids: list[int]) -> str:
