@@ -333,13 +333,19 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
 @json_option("the results")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--optimum-python", type=click.Path(exists=True, dir_okay=False), default=None,
+              envvar="AIRA_OPT_OPTIMUM_PYTHON",
+              help="The python of a virtual environment with `aira-opt[optimum]` (transformers 4.57), which runs the "
+                   "optimum backend [default: this environment, when optimum imports here].")
 def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
               genai_dirs: tuple[Path, ...], backends: str, prompt_lengths: list[int], new_tokens: int,
               batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str,
-              json_target: str | None, markdown_path: Path | None, plot_path: Path | None) -> None:
+              json_target: str | None, markdown_path: Path | None, plot_path: Path | None,
+              optimum_python: str | None) -> None:
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
-    plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), wanted, provider)
+    plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), wanted, provider,
+                     optimum_python)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     if plan.context is not None and max(prompt_lengths) + new_tokens > plan.context:
         raise OptionError(f"a {max(prompt_lengths)}-token prompt + {new_tokens} new tokens exceeds the model's "

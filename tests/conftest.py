@@ -33,12 +33,12 @@ def tiny_export(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_fused(tiny, tmp_path_factory) -> Path:
-    """aira-tiny fp32 with attention fused to ONNX Runtime's CPU ops (export --fuse)."""
+def tiny_fused(tiny, tiny_export, tmp_path_factory) -> Path:
+    """aira-tiny fp32 with attention fused to ONNX Runtime's CPU ops (export --fuse), from tiny_export's graph."""
     from aira_opt.precision.pipeline import export_model
 
     out = tmp_path_factory.mktemp("fused") / "aira-tiny" / "fp32-fused"
-    export_model(tiny, "fp32", out, quiet=True, fused=True)
+    export_model(tiny, "fp32", out, quiet=True, fused=True, reuse_fp32=tiny_export)
     return out
 
 
@@ -51,16 +51,17 @@ def tiny_decoder(tiny_export):
 
 
 class LazyVariants:
-    """aira-tiny's reduced-precision variants, each exported the first time a test asks for it."""
+    """aira-tiny's reduced-precision variants, each exported the first time a test asks for it (from the fp32
+    export's graph, as `aira-opt export` reuses it)."""
 
-    def __init__(self, tiny, root: Path):
-        self.tiny, self.root, self.made = tiny, root, {}
+    def __init__(self, tiny, root: Path, fp32: Path):
+        self.tiny, self.root, self.fp32, self.made = tiny, root, fp32, {}
 
     def __getitem__(self, precision: str) -> Path:
         from aira_opt.precision.pipeline import export_model
 
         if precision not in self.made:
-            export_model(self.tiny, precision, self.root / precision, quiet=True)
+            export_model(self.tiny, precision, self.root / precision, quiet=True, reuse_fp32=self.fp32)
             self.made[precision] = self.root / precision
         return self.made[precision]
 
@@ -69,8 +70,8 @@ class LazyVariants:
 
 
 @pytest.fixture(scope="session")
-def tiny_variants(tiny, tmp_path_factory) -> LazyVariants:
-    return LazyVariants(tiny, tmp_path_factory.mktemp("variants"))
+def tiny_variants(tiny, tiny_export, tmp_path_factory) -> LazyVariants:
+    return LazyVariants(tiny, tmp_path_factory.mktemp("variants"), tiny_export)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -64,8 +64,19 @@ def engine_precision(folder: Path) -> str:
     return str(json.loads((Path(folder) / SIDECAR).read_text()).get("precision", "?"))
 
 
+def optimum_missing() -> str | None:
+    """Why optimum's runtime cannot run in this environment, or None when it can."""
+    try:
+        import optimum.onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return (f"optimum is not importable here ({exc}); pip install 'aira-opt[optimum]' in a virtual environment "
+                "of its own (it pins transformers 4.57) and pass its interpreter with --optimum-python")
+    return None
+
+
 def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], engines: list[Path],
-              genai_dirs: list[Path], backends: list[str], provider: str = "cpu") -> BenchPlan:
+              genai_dirs: list[Path], backends: list[str], provider: str = "cpu",
+              optimum_python: str | None = None) -> BenchPlan:
     from transformers import AutoTokenizer  # heavy: only once a bench is planned
 
     unknown = [b for b in backends if b not in RUNNERS]
@@ -92,11 +103,16 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
         jobs.append(Job("torch", f"torch {torch_precision}", torch_precision, model_spec=model_spec,
                         num_layers=num_layers))
     where = "" if provider == "cpu" else f" ({provider})"
+    optimum_reason = None if optimum_python or "optimum" not in backends else optimum_missing()
+    if optimum_reason:
+        skipped.append({"backend": "optimum", "reason": optimum_reason})
     for folder in onnx_dirs:
         label = export_label(folder)
         for backend in ("ort", "optimum"):
-            if backend in backends:
-                jobs.append(Job(backend, f"{backend} {label}{where}", label, folder=str(folder), provider=provider))
+            if backend in backends and not (backend == "optimum" and optimum_reason):
+                python = optimum_python or "" if backend == "optimum" else ""
+                jobs.append(Job(backend, f"{backend} {label}{where}", label, folder=str(folder), provider=provider,
+                                python=python))
     if "genai" in backends:
         if not genai_dirs:
             skipped.append({"backend": "genai", "reason": "no --genai folder (build one with "

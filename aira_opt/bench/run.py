@@ -7,10 +7,15 @@ percentage of the memory-bandwidth bound: (weight bytes read per decode step) / 
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 import queue as queue_module
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -100,6 +105,37 @@ def _child(queue: Any, *args: Any) -> None:
         queue.put(("ok", measure(*args)))
     except BaseException as exc:  # reported to the parent as a skipped row, not a crash of the whole bench
         queue.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+
+
+def run_in_other_python(job: Job, *args: Any, timeout: float = 3600) -> tuple[str, Any]:
+    """Run one job under another virtual environment's interpreter (optimum's, which pins transformers 4.57):
+    the same aira_opt source, the job and its inputs as JSON on stdin, the measurement as JSON on stdout."""
+    source_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
+    request = json.dumps({"job": asdict(job), "args": args})
+    try:
+        done = subprocess.run([job.python, "-m", "aira_opt.bench.run"], input=request, capture_output=True,
+                              text=True, env=env, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return "error", f"{type(exc).__name__}: {exc}"
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        return "error", f"{job.python}: {last}"
+    status, payload = json.loads(lines[-1])
+    return status, payload
+
+
+def child_main() -> None:
+    """`python -m aira_opt.bench.run`: the other side of run_in_other_python."""
+    request = json.loads(sys.stdin.read())
+    job = Job(**request["job"])
+    settings, warmup, repeats, threads, prompts, eos, pad = request["args"]
+    try:
+        reply = ["ok", measure(job, [Setting(**s) for s in settings], warmup, repeats, threads, prompts, eos, pad)]
+    except Exception as exc:  # noqa: BLE001 - reported as a skipped row, like a failing spawn child
+        reply = ["error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"]
+    print(json.dumps(reply))
 
 
 def run_in_child(*args: Any, timeout: float = 3600) -> tuple[str, Any]:
@@ -193,9 +229,17 @@ def run_bench(jobs: Sequence[Job], settings: Sequence[Setting], warmup: int, rep
     for job in bar(jobs, "bench backends"):
         if progress:
             progress(f"{job.label}: {len(settings)} setting(s) x ({warmup} warm-up + {repeats} timed)")
-        status, payload = run_in_child(job, settings, warmup, repeats, threads, prompts, eos, pad)
+        if job.python:
+            status, payload = run_in_other_python(job, [asdict(s) for s in settings], warmup, repeats, threads,
+                                                  prompts, int(eos), int(pad))
+        else:
+            status, payload = run_in_child(job, settings, warmup, repeats, threads, prompts, eos, pad)
         if status != "ok":
             report.skipped.append({"backend": job.label, "reason": payload})
             continue
         report.results.extend(summarize(job, payload, bandwidth, report.machine.get("gpu_memory_bandwidth_gbps")))
     return report
+
+
+if __name__ == "__main__":
+    child_main()

@@ -36,6 +36,7 @@ class Job:
     model_spec: str = ""  # --model spec (torch)
     num_layers: int | None = None  # depth override of a random preset (torch)
     provider: str = "cpu"  # ONNX Runtime provider (ort, optimum)
+    python: str = ""  # the interpreter of another virtual environment to run this job in ("" = this one)
 
 
 class BenchRunner:
