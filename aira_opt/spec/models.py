@@ -308,6 +308,12 @@ def _load_gguf(path: Path, source: str, name: str, kind: str) -> LoadedModel:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"transformers could not load '{path}': {first}") from exc
         tokenizer.vocab_file = None  # the converter's sentencepiece stand-in: not used by the fast tokenizer
+        # transformers 5 tags the model with a gguf "quantizer" although its weights are dequantized fp32 tensors,
+        # and then refuses save_pretrained; what is saved is a plain fp32 model.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
         with atomic_folder(folder, force=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
