@@ -6,11 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 model=aira-2-1b1-random
 dir=export/$model
+# optimum (its int8 recipe and its runtime) pins transformers 4.57: it runs from an environment of its own.
+optimum_python=${AIRA_OPT_OPTIMUM_PYTHON:-.venv-optimum/bin/python}
+if [ ! -x "$optimum_python" ]; then
+  python3 -m venv .venv-optimum
+  .venv-optimum/bin/pip install -q torch==2.13.0 && .venv-optimum/bin/pip install -q -e '.[optimum]'
+  optimum_python=.venv-optimum/bin/python
+fi
+export AIRA_OPT_OPTIMUM_PYTHON=$optimum_python
 for precision in fp32 int8 int4; do
   [ -f "$dir/$precision/manifest.json" ] || aira-opt export --model $model --precision $precision
 done
 [ -f "$dir/fp32-fused/manifest.json" ] || aira-opt export --model $model --precision fp32 --fuse
-[ -f "$dir/optimum-int8/manifest.json" ] || python benchmarks/optimum_int8.py "$dir/fp32" "$dir/optimum-int8"
+[ -f "$dir/optimum-int8/manifest.json" ] || "$optimum_python" benchmarks/optimum_int8.py "$dir/fp32" "$dir/optimum-int8"
 [ -f "$dir/ckpt/config.json" ] || python benchmarks/save_checkpoint.py $model "$dir/ckpt"
 for precision in fp32 int4; do
   [ -f "$dir/genai-$precision/genai_config.json" ] || benchmarks/build_genai.sh "$dir/ckpt" "$dir/genai-$precision" $precision

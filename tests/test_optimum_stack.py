@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 from click.testing import CliRunner
@@ -37,7 +38,8 @@ def test_the_optimum_exporter_without_its_extra_is_one_line_with_the_install_com
 
 @without_optimum
 def test_the_optimum_backend_without_its_extra_is_skipped_with_the_reason(tiny_export):
-    result = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), *BENCH])
+    result = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), *BENCH],
+                                env={"AIRA_OPT_OPTIMUM_PYTHON": None})  # no other environment named either
     assert result.exit_code == 0, result.output
     assert "skipped optimum:" in result.output and "--optimum-python" in result.output
 
@@ -67,3 +69,25 @@ def test_bench_runs_the_optimum_backend_under_the_other_environments_python(tiny
     rows = {r["backend"]: r for r in data["results"]}
     assert set(rows) == {"ort", "optimum"}, data["skipped"]
     assert rows["optimum"]["decode_tokens_per_s"] > 0 and rows["optimum"]["peak_rss_mb"] > 0
+
+
+READ_FOLDER = """
+import json, sys
+from transformers import AutoConfig, AutoTokenizer
+tokenizer, config = AutoTokenizer.from_pretrained(sys.argv[1]), AutoConfig.from_pretrained(sys.argv[1])
+rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
+print(json.dumps([tokenizer(sys.argv[2]).input_ids, rope["rope_theta"], config.num_hidden_layers]))
+"""
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="AIRA_OPT_OPTIMUM_PYTHON names no environment with the optimum extra "
+                    "(CI sets it to its second environment)")
+def test_a_folder_written_here_loads_in_the_other_environments_transformers(tiny, tiny_export):
+    """transformers 5 writes `TokenizersBackend` and rope settings that 4.57 cannot read; the export must not."""
+    question = "<|startofinstruction|>What is the capital of Brazil?<|endofinstruction|>"
+    done = subprocess.run([OTHER_PYTHON, "-c", READ_FOLDER, str(tiny_export), question], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids, rope_theta, layers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ids == tiny.tokenizer(question).input_ids
+    assert rope_theta == 10000.0 and layers == tiny.config.num_hidden_layers

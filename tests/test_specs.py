@@ -51,7 +51,8 @@ def test_random_preset_has_aira_2_1b1_shape():
     loaded = load_model("aira-2-1b1-random", num_layers=1)
     cfg = loaded.model.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (2048, 1, 4, 32005)
-    assert cfg.rope_theta == 10000.0 and cfg.rms_norm_eps == 1e-5 and cfg.max_position_embeddings == 2048
+    rope_theta = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}  # 5.x / 4.57
+    assert rope_theta["rope_theta"] == 10000.0 and cfg.rms_norm_eps == 1e-5 and cfg.max_position_embeddings == 2048
     assert not cfg.tie_word_embeddings
     assert loaded.tokenizer.eos_token == AIRA_TOKENS.eos
     assert sum(p.numel() for p in loaded.model.parameters()) == PRESETS["aira-2-1b1-random"].__class__(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from aira_opt.spec.compat import save_portable
 from aira_opt.spec.models import CARD_GENERATION_DEFAULTS, LoadedModel
 from aira_opt.spec.prompts import PromptFormat, detect_format
 
@@ -39,8 +40,7 @@ def write_support_files(loaded: LoadedModel, folder: Path) -> None:
     names = ["input_ids", "attention_mask"]  # no token_type_ids, which generate(**enc) would refuse
     loaded.tokenizer.model_input_names = names
     loaded.tokenizer.init_kwargs["model_input_names"] = names  # what save_pretrained writes
-    loaded.tokenizer.save_pretrained(folder)
-    loaded.model.config.save_pretrained(folder)
+    save_portable(folder, loaded.tokenizer, loaded.model.config)  # loads under transformers 4.57 and 5.x
     (folder / GENERATION_CONFIG).write_text(json.dumps(generation_config(loaded), indent=2) + "\n")
 
 

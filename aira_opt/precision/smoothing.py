@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-ALPHA = 0.8  # migration strength; benchmarks/README.md ("int8-qdq on real weights") measures others
+ALPHA = 0.65  # migration strength; benchmarks/README.md ("int8-qdq on real weights") measures others
 
 
 @dataclass

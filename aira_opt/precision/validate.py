@@ -18,7 +18,7 @@ from aira_opt.core.contract import ORT_KV_DTYPES, DecoderContract, empty_past, p
 from aira_opt.core.errors import ValidationError
 from aira_opt.core.numerics import logit_agreement
 from aira_opt.precision.variants import Tolerance
-from aira_opt.spec.cache import forward
+from aira_opt.spec.compat import forward
 from aira_opt.spec.models import LoadedModel
 from aira_opt.spec.prompts import ordinary_token_ids
 

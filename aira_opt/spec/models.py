@@ -18,6 +18,7 @@ from typing import Any
 
 from aira_opt.core.artifacts import atomic_folder, sha256_file
 from aira_opt.core.errors import ModelLoadError
+from aira_opt.spec.compat import save_portable, transformers_major
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,9 @@ def _load_gguf(path: Path, source: str, name: str, kind: str) -> LoadedModel:
     """A GGUF file, dequantized by transformers once and cached as a transformers folder keyed by the file's
     sha256, so the slow conversion (mostly its tokenizer) happens once per file."""
     check_architecture(gguf_architecture(path), source)
-    folder = cache_dir() / "gguf" / sha256_file(path)
+    # Keyed by file and transformers major version: the conversion itself changes between 4.x and 5.x.
+    digest = sha256_file(path)
+    folder = cache_dir() / "gguf" / f"{digest}-transformers{transformers_major()}"
     if not (folder / "config.json").is_file():
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -316,9 +319,9 @@ def _load_gguf(path: Path, source: str, name: str, kind: str) -> LoadedModel:
             del model.config.quantization_config
         with atomic_folder(folder, force=True) as tmp:
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_portable(tmp, tokenizer, model.config)
     loaded = _load_pretrained(folder, source, name, kind)
-    loaded.extra["gguf"] = {"file": path.name, "sha256": folder.name}
+    loaded.extra["gguf"] = {"file": path.name, "sha256": digest}
     return loaded
 
 
