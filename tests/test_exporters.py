@@ -131,3 +131,24 @@ def test_both_exporters_compute_the_same_logits(tiny, tmp_path):
         outputs.append(session.run(None, feeds))
     for name, a, b in zip(contract.output_names(), *outputs):
         assert np.abs(a - b).max() < 1e-4, name
+
+
+def test_a_tied_embedding_is_stored_once_and_tying_again_changes_nothing(tiny, tmp_path):
+    """A small tied table comes out of the dynamo export folded into its own transposed copy for lm_head;
+    tie_embeddings reads it from the table instead. Run again, it finds nothing to tie and rewrites nothing."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aira_opt.export.exporters import DEFAULT_EXPORTER, tie_embeddings
+    from aira_opt.spec.models import LoadedModel
+
+    config = LlamaConfig(**{**tiny.config.to_dict(), "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    path = EXPORTERS[DEFAULT_EXPORTER].export_graph(LoadedModel("tied", "tied", "random", model, tiny.tokenizer),
+                                                    tmp_path)
+    tables = [i for i in onnx.load(str(path)).graph.initializer
+              if sorted(i.dims) == sorted([config.vocab_size, config.hidden_size])]
+    assert len(tables) == 1
+    written = path.stat().st_mtime_ns
+    assert tie_embeddings(path) is False and path.stat().st_mtime_ns == written

@@ -115,7 +115,7 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
         label = export_label(folder)
         for backend in ("ort", "optimum"):
             if backend in backends and not (backend == "optimum" and optimum_reason):
-                python = optimum_python or "" if backend == "optimum" else ""
+                python = (optimum_python or "") if backend == "optimum" else ""
                 jobs.append(Job(backend, f"{backend} {label}{where}", label, folder=str(folder), provider=provider,
                                 python=python))
     if "genai" in backends:

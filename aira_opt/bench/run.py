@@ -100,11 +100,15 @@ def measure(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, th
             "device": runner.device, "size_bytes": runner.size_bytes, "weight_bytes": runner.weight_bytes}
 
 
+def _error_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def _child(queue: Any, *args: Any) -> None:
     try:
         queue.put(("ok", measure(*args)))
     except BaseException as exc:  # reported to the parent as a skipped row, not a crash of the whole bench
-        queue.put(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+        queue.put(("error", _error_line(exc)))
 
 
 def run_in_other_python(job: Job, *args: Any, timeout: float = 3600) -> tuple[str, Any]:
@@ -122,7 +126,7 @@ def run_in_other_python(job: Job, *args: Any, timeout: float = 3600) -> tuple[st
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         return "error", f"{job.python}: {last}"
-    status, payload = json.loads(lines[-1])
+    status, payload = json.loads(lines[-1])  # ["ok", measurement] or ["error", line]
     return status, payload
 
 
@@ -134,7 +138,7 @@ def child_main() -> None:
     try:
         reply = ["ok", measure(job, [Setting(**s) for s in settings], warmup, repeats, threads, prompts, eos, pad)]
     except Exception as exc:  # noqa: BLE001 - reported as a skipped row, like a failing spawn child
-        reply = ["error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"]
+        reply = ["error", _error_line(exc)]
     print(json.dumps(reply))
 
 

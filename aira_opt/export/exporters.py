@@ -43,8 +43,8 @@ class Exporter:
                                     f"{exc}; the extra installs optimum-onnx and moves transformers to 4.57") from None
 
     def export_graph(self, loaded: LoadedModel, folder: Path) -> Path:
-        """Export `loaded.model` (in whatever dtype it is) into `folder`; returns the path of model.onnx."""
-        self.check_available()
+        """Export `loaded.model` (in whatever dtype it is) into `folder`; returns the path of model.onnx.
+        The pipeline has called check_available before any model work."""
         importlib.import_module(self.module).export_graph(loaded, folder, OPSET)
         if getattr(loaded.config, "tie_word_embeddings", False):
             tie_embeddings(folder / "model.onnx")
@@ -65,12 +65,12 @@ def exporter(name: str) -> Exporter:
     return EXPORTERS[name]
 
 
-def tie_embeddings(path: Path) -> bool:
-    """Keep one copy of a tied embedding table: the exporter writes lm_head as its own transposed copy of the
-    embedding; read it from the table through a Transpose instead. Returns whether a copy was removed."""
-    model = onnx.load(str(path))
+def tied_head(model: onnx.ModelProto) -> tuple[str, onnx.NodeProto] | None:
+    """(embedding table, lm_head MatMul) when the head reads a weight initializer of its own beside the table that
+    input_ids index; None otherwise (no table, or a head that already reads the table through a Transpose). Needs
+    the graph only, not the weights."""
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    inits = {i.name for i in graph.initializer}
     table = next((n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
                   and "input_ids" in n.input[1:]), None)
     producers = {o: n for n in graph.node for o in n.output}
@@ -78,7 +78,21 @@ def tie_embeddings(path: Path) -> bool:
     while head is not None and head.op_type != "MatMul" and head.input:  # past a Cast to the fp32 logits
         head = producers.get(head.input[0])
     if table is None or head is None or head.input[1] not in inits:
+        return None
+    return table, head
+
+
+def tie_embeddings(path: Path) -> bool:
+    """Keep one copy of a tied embedding table: an exporter may write lm_head as its own transposed copy of the
+    embedding; read it from the table through a Transpose instead. Returns whether a copy was removed. The
+    weights are read only when the graph has such a copy (torch.onnx's dynamo export of a large tied table
+    already reads it through a Transpose)."""
+    if tied_head(onnx.load(str(path), load_external_data=False)) is None:
         return False
+    model = onnx.load(str(path))
+    graph = model.graph
+    table, head = tied_head(model)
+    inits = {i.name: i for i in graph.initializer}
     weight = numpy_helper.to_array(inits[head.input[1]])
     if not np.array_equal(weight, numpy_helper.to_array(inits[table]).T):
         return False
