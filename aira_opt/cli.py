@@ -26,6 +26,8 @@ from aira_opt.inspection import inspect_folder
 from aira_opt.precision.pipeline import default_output, export_model
 from aira_opt.precision.variants import BLOCK_SIZES, exportable_names, variant
 from aira_opt.runtime.providers import PROVIDERS
+from aira_opt.serve.repository import ServingOptions, write_repository
+from aira_opt.serve.server import Ports, serve_folder
 from aira_opt.spec.models import LoadedModel, load_model, spec_name
 from aira_opt.tensorrt.engines import build_engine
 from aira_opt.tensorrt.plan import TARGETS, BuildOptions, describe_plan, make_plan
@@ -359,6 +361,65 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
     write_outputs(report, markdown_path, plot_path, command)
     if not report.results:
         raise AiraOptError("no backend produced a result: " + "; ".join(s["reason"] for s in report.skipped))
+
+
+# triton-repo / serve --------------------------------------------------------------------------------------
+def _served_folder(onnx_dir: Path | None, engine_dir: Path | None) -> tuple[Path, str]:
+    if (onnx_dir is None) == (engine_dir is None):
+        raise OptionError("give exactly one of --onnx DIR (ONNX Runtime) or --engine DIR (TensorRT engine folder)")
+    return (Path(onnx_dir), "onnx") if onnx_dir is not None else (Path(engine_dir), "engine")
+
+
+def serving_options(func: Any) -> Any:
+    """The options `triton-repo` and `serve` share: the model's name, batching, instances and runtime."""
+    for option in reversed([
+        onnx_dir_option, engine_dir_option,
+        click.option("--name", default=None, help="Triton model name [default: the source model's, e.g. aira-tiny]."),
+        click.option("--max-batch-size", type=click.IntRange(1, 256), default=ServingOptions.max_batch_size,
+                     show_default=True, help="Most requests Triton's dynamic batcher puts in one batch."),
+        click.option("--queue-delay-us", type=click.IntRange(min=0), default=ServingOptions.queue_delay_us,
+                     show_default=True, help="How long a batch waits for more requests to join it."),
+        click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Model instances (each holds its own copy of the weights)."),
+        provider_option, threads_option,
+    ]):
+        func = option(func)
+    return func
+
+
+@main.command("triton-repo")
+@serving_options
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("triton"), show_default=True,
+              help="The model repository; the model goes in OUTPUT/<name>/.")
+@click.option("--force", is_flag=True, help="Replace the model if the repository already has it.")
+def triton_repo_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | None, max_batch_size: int,
+                    queue_delay_us: int, instances: int, provider: str, threads: int | None, output: Path,
+                    force: bool) -> None:
+    """Write a Triton Inference Server model repository that serves an export (or engine) with our loop."""
+    folder, runtime = _served_folder(onnx_dir, engine_dir)
+    options = ServingOptions(max_batch_size, queue_delay_us, instances, provider, threads)
+    model = write_repository(folder, runtime, output, name, options, force=force)
+    click.echo(f"wrote {model} (config.pbtxt, {model.name}/1/model.py, the folder at 1/model/)" "\n"
+               f"run it: tritonserver --model-repository {output}   (or: aira-opt serve --{runtime} {folder})")
+
+
+@main.command("serve")
+@serving_options
+@click.option("--http-port", type=click.IntRange(1, 65535), default=Ports.http, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=Ports.grpc, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=Ports.metrics, show_default=True)
+@click.option("--tritonserver", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A tritonserver binary [default: nvidia-pytriton's, else the one on PATH].")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Keep the server's log here [default: a temporary file, removed at exit].")
+def serve_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | None, max_batch_size: int,
+              queue_delay_us: int, instances: int, provider: str, threads: int | None, http_port: int,
+              grpc_port: int, metrics_port: int, tritonserver: Path | None, log_path: Path | None) -> None:
+    """Serve an export on Triton Inference Server (HTTP, gRPC, metrics) until Ctrl-C or SIGTERM."""
+    folder, runtime = _served_folder(onnx_dir, engine_dir)
+    options = ServingOptions(max_batch_size, queue_delay_us, instances, provider, threads)
+    serve_folder(folder, runtime, name, options, Ports(http_port, grpc_port, metrics_port),
+                 lambda line: click.echo(line, err=False), tritonserver, log_path)
 
 
 # inspect -----------------------------------------------------------------------------------------------

@@ -43,6 +43,31 @@ def settings_from_folder(folder: Path, greedy: bool = False, seed: int | None = 
                            num_return_sequences=num_return_sequences, fit_context=max_new_tokens is None)
 
 
+class TextStream:
+    """One sequence's answer text as its tokens arrive: each push returns only what is new. Byte-level pieces can
+    be half a character, so text is released once it extends what was shown and does not end mid-character."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = decode_answer(self.tokenizer, self.tokens)
+        if text.startswith(self.shown) and text != self.shown and not text.endswith("\ufffd"):
+            new, self.shown = text[len(self.shown):], text
+            return new
+        return ""
+
+    def rest(self) -> str:
+        """What the last pushes held back (the end of a character, say); the stream is then complete."""
+        text = decode_answer(self.tokenizer, self.tokens)
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return new
+
+
 class Chat:
     """A model folder ready to answer: its tokenizer, its recorded prompt format, and a decoder (ONNX Runtime or
     TensorRT)."""
@@ -93,17 +118,11 @@ class Chat:
             for i, tokens in enumerate(result.tokens, 1):
                 echo(f"[{i}] {decode_answer(tok, tokens)}")
             return result
-        shown: list[str] = [""]
-        tokens: list[int] = []
+        text = TextStream(tok)
 
         def on_token(_row: int, token: int) -> None:
-            tokens.append(token)
-            text = decode_answer(tok, tokens)
-            # Byte-level pieces can be half a character: only print once the text extends what was shown.
-            if text.startswith(shown[0]) and text != shown[0] and not text.endswith("\ufffd"):
-                echo(text[len(shown[0]):], nl=False)
-                shown[0] = text
+            echo(text.push(token), nl=False)
 
         result = self.run([question], options, on_token=on_token)
-        echo("")
+        echo(text.rest())
         return result

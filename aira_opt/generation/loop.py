@@ -14,10 +14,11 @@ import numpy as np
 
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.core.errors import PromptTooLongError
-from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next
+from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next_per_row
 from aira_opt.runtime.decoder import Decoder, KVCache
 
-TokenCallback = Callable[[int, int], None]  # (row, token id), called as each token is chosen
+# (row, token id), called as each token is chosen; returning False ends that row there (a client that left).
+TokenCallback = Callable[[int, int], "bool | None"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,6 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: Generate
              pad_id: int, on_token: TokenCallback | None = None) -> GenerationResult:
     """Generate for a batch of tokenized prompts (each already in the model's prompt format); a sequence ends at
     any of `stop_ids` (one id, or several as Llama 3 style models have)."""
-    stops = np.array([stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids), dtype=np.int64)
     if not prompts:
         raise ValueError("no prompts")
     if options.max_new_tokens < 1:
@@ -101,32 +101,51 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: Generate
         options = replace(options, max_new_tokens=max(1, min(options.max_new_tokens, room)))
     check_context(prompts, options.max_new_tokens, context)
     expanded = [list(p) for p in prompts for _ in range(options.num_return_sequences)]
-    rng = np.random.default_rng(options.seed)
+    rng = np.random.default_rng(options.seed)  # one generator for the batch: its rows draw in row order
+    return generate_rows(model, expanded, [options] * len(expanded), stop_ids, pad_id, on_token,
+                         rngs=[rng] * len(expanded))
 
-    input_ids, mask = left_pad(expanded, pad_id)  # [B, S]
+
+def generate_rows(model: Decoder, prompts: Sequence[Sequence[int]], rows: Sequence[GenerateOptions],
+                  stop_ids: int | Sequence[int], pad_id: int, on_token: TokenCallback | None = None,
+                  rngs: Sequence[np.random.Generator] | None = None) -> GenerationResult:
+    """One left-padded batch where each row has its own options (a server's concurrent requests): its own
+    sampling, seed, token budget and eos handling. Prompts are taken as given (num_return_sequences and
+    fit_context are the caller's); each must already fit the context with its budget.
+
+    rngs: one generator per row; by default each row's own seed, so a request's tokens do not depend on the
+    requests batched with it."""
+    stops = np.array([stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids), dtype=np.int64)
+    budgets = np.array([r.max_new_tokens for r in rows])  # [B]
+    if not prompts or len(rows) != len(prompts) or (budgets < 1).any():
+        raise ValueError("one options record per prompt, each with max_new_tokens >= 1")
+    rngs = list(rngs) if rngs is not None else [np.random.default_rng(r.seed) for r in rows]
+    sampling = [r.sampling for r in rows]
+    stops_row = np.array([not r.ignore_eos for r in rows])  # [B]: rows that end at a stop id
+
+    input_ids, mask = left_pad(prompts, pad_id)  # [B, S]
     history = input_ids  # [B, S + generated]: what the repetition penalty looks at, as in transformers
-    unfinished = np.ones(len(expanded), dtype=bool)  # [B]
-    tokens: list[list[int]] = [[] for _ in expanded]
+    unfinished = np.ones(len(prompts), dtype=bool)  # [B]
+    tokens: list[list[int]] = [[] for _ in prompts]
 
-    capacity = input_ids.shape[1] + options.max_new_tokens  # every position this call can fill
+    capacity = input_ids.shape[1] + int(budgets.max())  # every position this call can fill
     logits, cache, prefill_seconds = prefill(model, input_ids, mask, capacity)
     decode_seconds: list[float] = []
-    for step in range(options.max_new_tokens):
-        chosen = select_next(logits, history, options.sampling, rng)  # [B]
+    for step in range(int(budgets.max())):
+        chosen = select_next_per_row(logits, history, sampling, rngs)  # [B]
         chosen = np.where(unfinished, chosen, pad_id)  # finished rows carry pads
         for row in np.flatnonzero(unfinished):
             tokens[row].append(int(chosen[row]))
-            if on_token is not None:
-                on_token(int(row), int(chosen[row]))
-        if not options.ignore_eos:
-            unfinished &= ~np.isin(chosen, stops)
+            if on_token is not None and on_token(int(row), int(chosen[row])) is False:
+                unfinished[row] = False
+        unfinished &= ~(stops_row & np.isin(chosen, stops)) & (budgets > step + 1)
         history = np.concatenate([history, chosen[:, None]], axis=1)
-        if not unfinished.any() or step == options.max_new_tokens - 1:
+        if not unfinished.any():
             break
-        mask = np.concatenate([mask, np.ones((len(expanded), 1), dtype=np.int64)], axis=1)  # [B, past + 1]
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)  # [B, past + 1]
         logits, cache, seconds = decode_one(model, chosen, mask, cache)
         decode_seconds.append(seconds)
-    finished = [bool(t) and t[-1] in stops and not options.ignore_eos for t in tokens]
-    return GenerationResult(prompts=expanded, tokens=tokens, finished=finished, prefill_seconds=prefill_seconds,
-                            decode_seconds=decode_seconds, padded_prompt_length=input_ids.shape[1])
-
+    finished = [bool(t) and t[-1] in stops and bool(stops_row[i]) for i, t in enumerate(tokens)]
+    return GenerationResult(prompts=[list(p) for p in prompts], tokens=tokens, finished=finished,
+                            prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                            padded_prompt_length=input_ids.shape[1])

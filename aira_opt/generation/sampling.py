@@ -7,6 +7,7 @@ warpers temperature -> top-k -> top-p, then a draw from the softmax. All on nump
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,13 +107,30 @@ def process(scores: np.ndarray, history: np.ndarray, settings: SamplingSettings)
 
 def select_next(scores: np.ndarray, history: np.ndarray, settings: SamplingSettings,
                 rng: np.random.Generator) -> np.ndarray:
-    """Next token per row. scores: [B, V] fp32 logits; history: [B, T] -> [B] int64."""
-    processed = process(scores.astype(np.float32), history, settings)
-    if not settings.do_sample:
-        return np.argmax(processed, axis=-1).astype(np.int64)
-    probs = softmax(processed)
-    # Inverse-CDF draw: one uniform per row from the seeded generator, so a seed repeats exactly.
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]  # scaled by the total, which rounding leaves near 1
-    picks = (cdf < u).sum(axis=-1)
-    return np.minimum(picks, probs.shape[-1] - 1).astype(np.int64)
+    """Next token per row, every row with the same settings and generator. scores: [B, V] fp32 logits;
+    history: [B, T] -> [B] int64."""
+    rows = scores.shape[0]
+    return select_next_per_row(scores, history, [settings] * rows, [rng] * rows)
+
+
+def select_next_per_row(scores: np.ndarray, history: np.ndarray, settings: Sequence[SamplingSettings],
+                        rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """Next token per row, each row with its own settings and generator (a server's batch of requests).
+    scores: [B, V]; history: [B, T]; settings, rngs: one per row -> [B] int64.
+
+    Rows that share settings are processed together. A sampling row draws one uniform from its generator, in
+    row order, so rows sharing one generator draw exactly what a single [B, 1] draw would."""
+    chosen = np.empty(scores.shape[0], dtype=np.int64)  # [B]
+    for group in dict.fromkeys(settings):  # distinct settings, in first-seen order
+        rows = np.array([r for r, s in enumerate(settings) if s == group])
+        processed = process(scores[rows].astype(np.float32), history[rows], group)  # [G, V]
+        if not group.do_sample:
+            chosen[rows] = np.argmax(processed, axis=-1)
+            continue
+        probs = softmax(processed)
+        # Inverse-CDF draw: one uniform per row from its seeded generator, so a seed repeats exactly.
+        cdf = np.cumsum(probs, axis=-1)  # [G, V]
+        uniforms = np.array([[rngs[r].random()] for r in rows])  # [G, 1]
+        u = uniforms * cdf[:, -1:]  # scaled by the total, which rounding leaves near 1
+        chosen[rows] = np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1)
+    return chosen
