@@ -496,3 +496,26 @@ def test_serve_runs_until_sigterm_finishing_requests_in_flight(slow_export, tmp_
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.slow
+def test_the_deployments_probes_and_metrics_exist_on_the_real_server(server):
+    """What deploy/kubernetes asks of Triton: its health paths answer 200 and the queue metric it scales on is
+    exported."""
+    from test_deploy import manifests, probe_paths
+
+    for path in set(probe_paths().values()):
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.http}{path}", timeout=10) as response:
+            assert response.status == 200
+    rules = yaml_rules(manifests())
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        exported = response.read().decode()
+    for rule in rules:
+        series = rule["seriesQuery"].split("{")[0]
+        assert f"\n{series}{{" in exported, series
+
+
+def yaml_rules(docs: dict) -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["rules"]
