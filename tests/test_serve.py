@@ -25,7 +25,7 @@ from aira_opt.generation.chat import Chat, settings_from_folder
 from aira_opt.generation.loop import GenerateOptions
 from aira_opt.generation.sampling import GREEDY, SamplingSettings
 from aira_opt.runtime.ort import OrtDecoder
-from aira_opt.serve.engine import BatchEngine
+from aira_opt.serve.engine import BatchEngine, Final
 from aira_opt.serve.protocol import INPUTS, OUTPUTS, BadRequest, fit_to_context, parse_request
 from aira_opt.serve.repository import ServingOptions, config_pbtxt
 from aira_opt.serve.server import Ports, ServerError, TritonServer, libpython_folder, server_environment
@@ -147,6 +147,7 @@ class ListSink:
 
     def __init__(self, cancel_after: int | None = None):
         self.pieces: list[str] = []
+        self.counts: list[int] = []
         self.final = None
         self.error: str | None = None
         self.cancel_after = cancel_after
@@ -154,9 +155,10 @@ class ListSink:
     def cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.pieces) >= self.cancel_after
 
-    def send(self, piece, final) -> None:
+    def send(self, piece, info) -> None:
         self.pieces.append(piece)
-        self.final = final
+        self.counts.append(info.generated_tokens)
+        self.final = info if isinstance(info, Final) else None
 
     def fail(self, message: str) -> None:
         self.error = message
@@ -190,7 +192,8 @@ def test_streamed_pieces_add_up_to_the_whole_answer(engine):
     streamed, whole = ListSink(), ListSink()
     engine.serve_batch([({"text_input": text(BRAZIL), "stream": one(True, bool)}, streamed),
                         ({"text_input": text(BRAZIL)}, whole)])
-    assert len(streamed.pieces) > 3 and streamed.text == whole.text == "The capital of Brazil is Brasília."
+    assert streamed.text == whole.text == "The capital of Brazil is Brasília."
+    assert streamed.counts == list(range(1, streamed.final.generated_tokens + 1))  # one response per token
     assert len(whole.pieces) == 1 and streamed.final.finish_reason == whole.final.finish_reason == "stop"
 
 
@@ -352,6 +355,7 @@ def test_the_server_streams_server_sent_events(server):
     assert len(events) > 3 and all("error" not in e for e in events)
     assert "".join(e["text_output"] for e in events) == "The capital of Brazil is Brasília."
     assert events[-1]["finish_reason"] == "stop" and "finish_reason" not in events[0]
+    assert [e["generated_tokens"] for e in events] == list(range(1, len(events) + 1))
 
 
 @pytest.mark.slow
@@ -519,3 +523,20 @@ def yaml_rules(docs: dict) -> list[dict]:
     import yaml
 
     return yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["rules"]
+
+
+def test_streamed_text_adds_up_to_the_decoded_answer_for_any_tokens(tiny_export):
+    """Random ids (half characters, stray control tokens, leading spaces) and real text cut anywhere: the pieces
+    a stream releases always add up to the whole answer's text."""
+    from transformers import AutoTokenizer
+
+    from aira_opt.generation.chat import TextStream
+    from aira_opt.spec.prompts import decode_answer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_export)
+    rng = np.random.default_rng(0)
+    sentence = tokenizer(" Hello  world, how are you? Olá, açaí 🎉 \n done. ", add_special_tokens=False)["input_ids"]
+    for trial in range(100):
+        ids = [int(i) for i in rng.integers(0, len(tokenizer), 30)] if trial % 2 else sentence[:rng.integers(1, len(sentence) + 1)]
+        stream = TextStream(tokenizer)
+        assert "".join(stream.push(t) for t in ids) + stream.rest() == decode_answer(tokenizer, ids), ids

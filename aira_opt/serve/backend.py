@@ -2,8 +2,8 @@
 
 It runs inside Triton's Python stub process, where `triton_python_backend_utils` exists; everything it does is
 the engine's (serve/engine.py), so this file only moves tensors and responses. The model is decoupled: a request
-gets one response (`stream` false, what `/generate` needs) or one per new piece of text (`stream` true, for
-`/generate_stream`), the last one flagged final and carrying the finish reason.
+gets one response (`stream` false, what `/generate` needs) or one per new token with the text it adds, possibly
+none yet (`stream` true, for `/generate_stream`); the last is flagged final and carries the finish reason.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from aira_opt.decoders import open_decoder
-from aira_opt.serve.engine import BatchEngine, Final, describe
+from aira_opt.serve.engine import BatchEngine, Final, Progress, describe
 from aira_opt.serve.protocol import INPUTS
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,13 @@ class TritonSink:
         except Exception as exc:  # the client left: nothing to tell it, and the batch goes on
             log.info("response not delivered: %s", exc)
 
-    def send(self, text: str, final: Final | None) -> None:
-        tensors = [self.pb.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))]
-        if final is not None:
-            tensors += [self.pb.Tensor("finish_reason", np.array([[final.finish_reason.encode()]], dtype=np.object_)),
-                        self.pb.Tensor("generated_tokens", np.array([[final.generated_tokens]], dtype=np.int32))]
-        self._send(self.pb.InferenceResponse(output_tensors=tensors), final is not None)
+    def send(self, text: str, info: Progress) -> None:
+        tensors = [self.pb.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+                   self.pb.Tensor("generated_tokens", np.array([[info.generated_tokens]], dtype=np.int32))]
+        final = isinstance(info, Final)
+        if final:
+            tensors.append(self.pb.Tensor("finish_reason", np.array([[info.finish_reason.encode()]], dtype=np.object_)))
+        self._send(self.pb.InferenceResponse(output_tensors=tensors), final)
 
     def fail(self, message: str) -> None:
         self._send(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message)), True)

@@ -21,17 +21,24 @@ from aira_opt.generation.chat import Chat, TextStream, settings_from_folder
 from aira_opt.generation.loop import generate_rows
 from aira_opt.runtime.decoder import Decoder
 from aira_opt.serve.protocol import BadRequest, GenerateRequest, fit_to_context, parse_request
-from aira_opt.spec.prompts import prompt_ids
+from aira_opt.spec.prompts import decode_answer, prompt_ids
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Final:
-    """What the last response of a request says besides its text."""
+class Progress:
+    """What a streamed response says besides its text: the tokens generated so far (a token may add no text yet:
+    half a character, or a special token)."""
+
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class Final(Progress):
+    """The last response of a request: also why it ended."""
 
     finish_reason: str  # one of protocol.FINISH_REASONS
-    generated_tokens: int
 
 
 class ResponseSink(Protocol):
@@ -39,7 +46,7 @@ class ResponseSink(Protocol):
 
     def cancelled(self) -> bool: ...
 
-    def send(self, text: str, final: Final | None) -> None: ...
+    def send(self, text: str, info: Progress) -> None: ...
 
     def fail(self, message: str) -> None: ...
 
@@ -123,19 +130,20 @@ class BatchEngine:
         def on_token(i: int, token: int) -> bool:
             row = rows[i]
             if row.sink.cancelled():
-                self._end(row, stats, "", Final("cancelled", row.tokens))
+                self._end(row, stats, "", Final(row.tokens, "cancelled"))
                 return False
             if row.tokens == 0:
                 stats.first_token(time.perf_counter() - row.started)
             row.tokens += 1
-            piece = row.text.push(token)
+            # Only streaming rows detokenize as they go; a whole answer is decoded once, as `generate` does.
+            piece = row.text.push(token) if row.request.stream else (row.text.tokens.append(token) or "")
             reason = "stop" if token in stops else "length" if row.tokens >= row.request.options.max_new_tokens else None
             if reason is not None:
-                rest = piece + row.text.rest()
-                self._end(row, stats, rest if row.request.stream else row.text.shown, Final(reason, row.tokens))
+                text = piece + row.text.rest() if row.request.stream else decode_answer(self.chat.tokenizer, row.text.tokens)
+                self._end(row, stats, text, Final(row.tokens, reason))
                 return False
-            if row.request.stream and piece:
-                row.sink.send(piece, None)
+            if row.request.stream:  # one event per token, text or not: clients see progress and time the first
+                row.sink.send(piece, Progress(row.tokens))
             return True
 
         try:

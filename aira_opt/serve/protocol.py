@@ -35,12 +35,12 @@ INPUTS: tuple[Field, ...] = (
     Field("top_p", "TYPE_FP32", True, "nucleus sampling in (0, 1] [default: the export's]"),
     Field("repetition_penalty", "TYPE_FP32", True, "> 0, 1: off [default: the export's]"),
     Field("seed", "TYPE_INT64", True, "seed for this request's sampling (repeats exactly, whatever it is batched with)"),
-    Field("stream", "TYPE_BOOL", True, "true: one response per new piece of text (use with generate_stream)"),
+    Field("stream", "TYPE_BOOL", True, "true: one response per new token, with its text (use with generate_stream)"),
 )
 OUTPUTS: tuple[Field, ...] = (
     Field("text_output", "TYPE_STRING", False, "the answer, or the next piece of it when streaming"),
     Field("finish_reason", "TYPE_STRING", False, "stop (eos), length (max_tokens) or cancelled; last response only"),
-    Field("generated_tokens", "TYPE_INT32", False, "new tokens, eos included; last response only"),
+    Field("generated_tokens", "TYPE_INT32", False, "new tokens so far, eos included"),
 )
 FINISH_REASONS = ("stop", "length", "cancelled")
 
