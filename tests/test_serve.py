@@ -540,3 +540,18 @@ def test_streamed_text_adds_up_to_the_decoded_answer_for_any_tokens(tiny_export)
         ids = [int(i) for i in rng.integers(0, len(tokenizer), 30)] if trial % 2 else sentence[:rng.integers(1, len(sentence) + 1)]
         stream = TextStream(tokenizer)
         assert "".join(stream.push(t) for t in ids) + stream.rest() == decode_answer(tokenizer, ids), ids
+
+
+def test_no_triton_anywhere_is_one_line_with_the_install_command(monkeypatch):
+    import importlib.util
+    import shutil
+
+    from aira_opt.serve.server import find_tritonserver
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real(name, *a))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ServerError, match=r"pip install --no-deps nvidia-pytriton==0\.7\.0"):
+        find_tritonserver()
+    result = CliRunner().invoke(main, ["serve", "--onnx", "."])
+    assert result.exit_code == 1 and "needs Triton Inference Server" in result.output

@@ -29,10 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aira_opt.core.errors import AiraOptError, MissingExtraError, Terminated
+from aira_opt.core.errors import AiraOptError, Terminated
 from aira_opt.serve.repository import ServingOptions, write_repository
 
-PYTRITON_VERSION = "0.7.0"  # what `pip install 'aira-opt[serve]'` brings: Triton server 2.51
+PYTRITON_VERSION = "0.7.0"  # its wheel bundles Triton server 2.51 and the Python backend
+# Its own dependencies are left out: its client pins protobuf < 7, which transformers 5 cannot work with, and only
+# the server binary is used.
+INSTALL = f"pip install 'aira-opt[serve]' && pip install --no-deps nvidia-pytriton=={PYTRITON_VERSION}"
 EXIT_TIMEOUT_S = 30  # how long in-flight requests may take to finish once shutdown starts
 
 
@@ -85,8 +88,8 @@ def find_tritonserver(explicit: Path | None = None) -> TritonInstall:
     on_path = shutil.which("tritonserver")
     if on_path:
         return TritonInstall(Path(on_path), Path("/opt/tritonserver/backends"), None, None)
-    raise MissingExtraError("serving", "serve",
-                            "it brings Triton Inference Server; or run inside NVIDIA's tritonserver container")
+    raise ServerError(f"serving needs Triton Inference Server: {INSTALL}; or run inside NVIDIA's tritonserver "
+                      "container (tritonserver on PATH), or pass --tritonserver PATH")
 
 
 def cache_root() -> Path:
@@ -130,7 +133,8 @@ def server_environment(install: TritonInstall) -> dict[str, str]:
 
         if int(numpy.__version__.split(".")[0]) >= 2:
             raise ServerError(f"Triton's Python backend (nvidia-pytriton {PYTRITON_VERSION}) is built for numpy 1.x "
-                              f"and garbles tensors under numpy {numpy.__version__}: pip install 'numpy<2'")
+                              f"and garbles tensors under numpy {numpy.__version__}: pip install 'numpy<2' "
+                              "(the serve extra does)")
         own = libpython_folder()
         if own is None:
             raise ServerError(
