@@ -76,7 +76,8 @@ def free_ports(count: int) -> list[int]:
 
 def stream_request(url: str, question: str, max_tokens: int, timeout: float) -> RequestResult:
     """One generate_stream request: time to the first event, to the last, and the tokens the server counted."""
-    body = json.dumps({"text_input": question, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    body = json.dumps({"text_input": question, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()
     start = time.perf_counter()
     ttft = None
     try:
@@ -88,7 +89,7 @@ def stream_request(url: str, question: str, max_tokens: int, timeout: float) -> 
                 if "error" in event:
                     return RequestResult(0, time.perf_counter() - start, 0, event["error"])
                 ttft = ttft if ttft is not None else time.perf_counter() - start
-                if "generated_tokens" in event:
+                if "finish_reason" in event:
                     return RequestResult(ttft, time.perf_counter() - start, int(event["generated_tokens"]))
         return RequestResult(ttft or 0, time.perf_counter() - start, 0, "stream ended without a final event")
     except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the test
@@ -208,7 +209,7 @@ def markdown(results: list[LevelResult], command: str, machine: dict, max_tokens
     lines = [f"Command: `{command}`", "",
              f"Machine: {machine.get('cpu', platform.processor())}, {machine.get('cores_logical', '?')} cores, "
              f"{machine.get('instruction_sets', '')}, copy bandwidth {machine.get('memory_bandwidth_gbps')} GB/s; "
-             f"greedy, {max_tokens} new tokens per request, streaming, closed-loop clients.", "",
+             f"greedy, exactly {max_tokens} new tokens per request (ignore_eos), streaming, closed-loop clients.", "",
              "| export | clients | requests | errors | aggregate tokens/s | x one client | TTFT p50 ms | TTFT p99 ms "
              "| latency p50 ms | latency p99 ms | server peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

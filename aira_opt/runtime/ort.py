@@ -118,6 +118,20 @@ class OrtDecoder(DecoderLifecycle):
                   for _ in c.past_names()]
         return KVCache(values=values, length=0, batch=batch, capacity=capacity)
 
+    def cache_to_host(self, cache: KVCache) -> list[np.ndarray]:
+        """The cache's filled positions as numpy arrays, each [B, kv_heads, length, head_dim] (for a scheduler
+        that adds and drops rows between steps)."""
+        return [value.numpy()[:, :, :cache.length] for value in cache.values]
+
+    def cache_from_host(self, arrays: list[np.ndarray]) -> KVCache:
+        """A growing cache holding `arrays` (each [B, kv_heads, length, head_dim]), in ONNX Runtime's memory."""
+        values = []
+        for array in arrays:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), self.kv_dtype, self.device, 0)
+            value.update_inplace(np.ascontiguousarray(array, dtype=self.kv_dtype))
+            values.append(value)
+        return KVCache(values=values, length=int(arrays[0].shape[2]), batch=int(arrays[0].shape[0]))
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache,
              all_logits: bool = False) -> tuple[StepOutput, KVCache]:
         """Run one forward pass; returns the logits and the advanced cache (still in ONNX Runtime memory).

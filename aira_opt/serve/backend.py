@@ -106,20 +106,21 @@ class TritonPythonModel:
         on_engine = params.get("runtime") == "engine"
         _, decoder = open_decoder(None if on_engine else folder, folder if on_engine else None,
                                   params.get("provider", "cpu"), int(params["threads"]) if params.get("threads") else None)
-        self.engine = BatchEngine(folder, decoder).__enter__()
-        self.stats = TritonStats(pb, config["name"])
+        rows = int(config.get("max_batch_size") or 0) or 16
+        self.engine = BatchEngine(folder, decoder, TritonStats(pb, config["name"]), max_rows=rows).__enter__()
+        self.engine.start()
         pb.Logger.log_info(f"aira-opt serving {json.dumps(describe(self.engine))}")
 
     def execute(self, requests: list[Any]) -> None:
-        batch = []
+        """Hand the requests to the engine's running batch and return at once: a decoupled model answers through
+        each request's response sender, so Triton can deliver the next requests while these decode."""
         for request in requests:
             values = {}
             for field in INPUTS:
                 tensor = self.pb.get_input_tensor_by_name(request, field.name)
                 values[field.name] = None if tensor is None else tensor.as_numpy()
-            batch.append((values, TritonSink(request, self.pb)))
-        self.engine.serve_batch(batch, self.stats)
-        return None  # decoupled: every answer went through its request's response sender
+            self.engine.submit(values, TritonSink(request, self.pb))
+        return None
 
     def finalize(self) -> None:
-        self.engine.__exit__(None, None, None)
+        self.engine.__exit__(None, None, None)  # the worker finishes the rows in flight first

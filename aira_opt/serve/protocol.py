@@ -35,6 +35,7 @@ INPUTS: tuple[Field, ...] = (
     Field("top_p", "TYPE_FP32", True, "nucleus sampling in (0, 1] [default: the export's]"),
     Field("repetition_penalty", "TYPE_FP32", True, "> 0, 1: off [default: the export's]"),
     Field("seed", "TYPE_INT64", True, "seed for this request's sampling (repeats exactly, whatever it is batched with)"),
+    Field("ignore_eos", "TYPE_BOOL", True, "true: generate exactly max_tokens, past any eos (load tests)"),
     Field("stream", "TYPE_BOOL", True, "true: one response per new token, with its text (use with generate_stream)"),
 )
 OUTPUTS: tuple[Field, ...] = (
@@ -108,10 +109,12 @@ def parse_request(values: dict[str, np.ndarray | None], defaults: GenerateOption
     if seed is not None and int(seed) < 0:
         problems.append(f"seed must be >= 0, got {int(seed)}")
     stream = _scalar(values, "stream", problems)
+    ignore_eos = _scalar(values, "ignore_eos", problems)
     if problems:
         raise BadRequest("; ".join(problems))
     options = replace(defaults, sampling=sampling, seed=None if seed is None else int(seed), num_return_sequences=1,
-                      max_new_tokens=defaults.max_new_tokens if max_tokens is None else int(max_tokens))
+                      max_new_tokens=defaults.max_new_tokens if max_tokens is None else int(max_tokens),
+                      ignore_eos=bool(ignore_eos) if ignore_eos is not None else False)
     return GenerateRequest(text, options, bool(stream) if stream is not None else False, max_tokens is not None)
 
 
