@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import psutil
 
 from aira_opt.bench.machine import machine_info, probe_bandwidth_gbps
 from aira_opt.serve.repository import ServingOptions, write_repository
-from aira_opt.serve.server import Ports, TritonServer
+from aira_opt.serve.server import Ports, TritonServer, free_ports
 
 QUESTIONS = ["What is the capital of Brazil?", "Tell me a story about a robot.", "What do bees make?",
              "Explain gravity to me.", "Who are you?", "What is the largest planet?", "Name a color.",
@@ -61,17 +60,6 @@ class LevelResult:
     server_peak_rss_mb: float
     speedup_vs_1: float | None = None
     error_samples: list[str] = field(default_factory=list)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def stream_request(url: str, question: str, max_tokens: int, timeout: float) -> RequestResult:

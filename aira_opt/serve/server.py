@@ -248,6 +248,20 @@ class TritonServer:
         self.stop()
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports free on localhost right now, for a server started beside others (tests, load tests)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def _port_in_use(port: int) -> bool:
     import socket
 
