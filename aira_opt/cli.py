@@ -18,7 +18,7 @@ from aira_opt.bench.run import Setting, run_bench
 from aira_opt.check.parity import BASELINES, load_questions, report_table, run_check
 from aira_opt.core.artifacts import read_manifest, refuse_existing
 from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
-from aira_opt.decoders import open_decoder
+from aira_opt.decoders import chosen_folder, open_decoder
 from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.export.support import read_format
 from aira_opt.generation.chat import Chat, settings_from_folder
@@ -364,12 +364,6 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
 
 
 # triton-repo / serve --------------------------------------------------------------------------------------
-def _served_folder(onnx_dir: Path | None, engine_dir: Path | None) -> tuple[Path, str]:
-    if (onnx_dir is None) == (engine_dir is None):
-        raise OptionError("give exactly one of --onnx DIR (ONNX Runtime) or --engine DIR (TensorRT engine folder)")
-    return (Path(onnx_dir), "onnx") if onnx_dir is not None else (Path(engine_dir), "engine")
-
-
 def serving_options(func: Any) -> Any:
     """The options `triton-repo` and `serve` share: the model's name, batching, instances and runtime."""
     for option in reversed([
@@ -396,7 +390,7 @@ def triton_repo_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | 
                     queue_delay_us: int, instances: int, provider: str, threads: int | None, output: Path,
                     force: bool) -> None:
     """Write a Triton Inference Server model repository that serves an export (or engine) with our loop."""
-    folder, runtime = _served_folder(onnx_dir, engine_dir)
+    folder, runtime = chosen_folder(onnx_dir, engine_dir)
     options = ServingOptions(max_batch_size, queue_delay_us, instances, provider, threads)
     model = write_repository(folder, runtime, output, name, options, force=force)
     click.echo(f"wrote {model} (config.pbtxt, {model.name}/1/model.py, the folder at 1/model/)" "\n"
@@ -416,7 +410,7 @@ def serve_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | None, 
               queue_delay_us: int, instances: int, provider: str, threads: int | None, http_port: int,
               grpc_port: int, metrics_port: int, tritonserver: Path | None, log_path: Path | None) -> None:
     """Serve an export on Triton Inference Server (HTTP, gRPC, metrics) until Ctrl-C or SIGTERM."""
-    folder, runtime = _served_folder(onnx_dir, engine_dir)
+    folder, runtime = chosen_folder(onnx_dir, engine_dir)
     options = ServingOptions(max_batch_size, queue_delay_us, instances, provider, threads)
     serve_folder(folder, runtime, name, options, Ports(http_port, grpc_port, metrics_port),
                  lambda line: click.echo(line, err=False), tritonserver, log_path)

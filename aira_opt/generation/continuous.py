@@ -49,7 +49,6 @@ class ContinuousBatch:
         self.stops = np.array(list(stop_ids), dtype=np.int64)
         self.pad_id = pad_id
         self.rows: list[Sequence_] = []
-        self.cache_arrays: list[np.ndarray] | None = None  # host copy, only while rows join or leave
         self.cache = None  # the runner's cache: [B, kv_heads, T, head_dim] per layer tensor
         self.mask = np.zeros((0, 0), dtype=np.int64)  # [B, T]: left padding 0, then the row's positions
         self.logits = np.zeros((0, 0), dtype=np.float32)  # [B, V]: where each row's next token comes from

@@ -107,6 +107,7 @@ class BatchEngine:
         self.chat = Chat(Path(self.folder), self.decoder)
         self.defaults = settings_from_folder(Path(self.folder))
         self.context = int(self.decoder.config.get("max_position_embeddings", 2048))
+        self.continuous = supports_continuous(self.decoder)
         self.waiting: queue.Queue[Row] = queue.Queue()
         self.in_batch: list[Row] = []  # the requests the running batch holds (answered if a step fails)
         self.worker: threading.Thread | None = None
@@ -142,16 +143,12 @@ class BatchEngine:
 
     # The scheduler ----------------------------------------------------------------------------------------
     def run_until_idle(self) -> None:
-        if supports_continuous(self.decoder):
-            batch = ContinuousBatch(self.decoder, self.chat.format.stop_ids, self.chat.format.pad_id)
-            try:
-                while self._step(batch, block=False):
-                    pass
-            finally:
-                self.in_batch = []
-        else:
-            while not self.waiting.empty():
-                self._run_rows(self._take(self.max_rows))
+        batch = self._new_batch()
+        try:
+            while self._work(batch, block=False):
+                pass
+        finally:
+            self.in_batch = []
 
     def start(self) -> None:
         """Serve on a worker thread until `stop` (which lets the rows in flight finish first)."""
@@ -166,16 +163,27 @@ class BatchEngine:
             self.worker = None
 
     def _serve_forever(self) -> None:
-        batch = ContinuousBatch(self.decoder, self.chat.format.stop_ids, self.chat.format.pad_id)
-        while not (self.stopping.is_set() and batch.active == 0 and self.waiting.empty()):
+        batch = self._new_batch()
+        while not (self.stopping.is_set() and (batch is None or batch.active == 0) and self.waiting.empty()):
             try:
-                if supports_continuous(self.decoder):
-                    self._step(batch, block=True)
-                else:
-                    self._run_rows(self._take(self.max_rows, block=True))
+                self._work(batch, block=True)
             except Exception:  # the step's rows were answered with the error; the server goes on
                 log.exception("serving step failed")
-                batch = ContinuousBatch(self.decoder, self.chat.format.stop_ids, self.chat.format.pad_id)
+                batch = self._new_batch()
+
+    def _new_batch(self) -> ContinuousBatch | None:
+        """A running batch, or None for a runner that can only batch per arrival."""
+        if not self.continuous:
+            return None
+        return ContinuousBatch(self.decoder, self.chat.format.stop_ids, self.chat.format.pad_id)
+
+    def _work(self, batch: ContinuousBatch | None, block: bool) -> bool:
+        """One decode step of the running batch, or one whole per-arrival batch; False when there was nothing."""
+        if batch is not None:
+            return self._step(batch, block)
+        rows = self._take(self.max_rows, block=block)
+        self._run_rows(rows)
+        return bool(rows)
 
     def _take(self, most: int, block: bool = False) -> list[Row]:
         rows: list[Row] = []
@@ -245,8 +253,7 @@ class BatchEngine:
 
     @staticmethod
     def _fail_all(rows: Sequence[Row | None], exc: Exception) -> None:
-        """A runtime failure ends the affected requests with its message, not the server."""
-        log.exception("generation failed")
+        """A runtime failure ends the affected requests with its message, not the server (the caller logs it)."""
         message = str(exc).strip().splitlines()
         for row in rows:
             if row is not None and not row.done:

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from aira_opt.core.errors import AiraOptError, Terminated
 from aira_opt.serve.repository import ServingOptions, write_repository
+from aira_opt.spec.models import cache_dir
 
 PYTRITON_VERSION = "0.7.0"  # its wheel bundles Triton server 2.51 and the Python backend
 # Its own dependencies are left out: its client pins protobuf < 7, which transformers 5 cannot work with, and only
@@ -92,17 +94,13 @@ def find_tritonserver(explicit: Path | None = None) -> TritonInstall:
                       "container (tritonserver on PATH), or pass --tritonserver PATH")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aira-opt"
-
-
 def prepare_backends(install: TritonInstall) -> Path:
     """A backend folder for this interpreter: the wheel's Python backend with this Python's stub beside it
     (links into a cache folder, as PyTriton copies them into its workspace)."""
     if install.stub is None:
         return install.backends
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    folder = cache_root() / "tritonserver" / f"{PYTRITON_VERSION}-py{version}" / "backends"
+    folder = cache_dir() / "tritonserver" / f"{PYTRITON_VERSION}-py{version}" / "backends"
     python = folder / "python"
     python.mkdir(parents=True, exist_ok=True)
     for source in [*sorted((install.backends / "python").iterdir()), install.stub]:
@@ -250,8 +248,6 @@ class TritonServer:
 
 def free_ports(count: int) -> list[int]:
     """Ports free on localhost right now, for a server started beside others (tests, load tests)."""
-    import socket
-
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:
@@ -263,8 +259,6 @@ def free_ports(count: int) -> list[int]:
 
 
 def _port_in_use(port: int) -> bool:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
