@@ -15,6 +15,7 @@ from aira_opt import __version__
 from aira_opt.bench.planning import plan_jobs
 from aira_opt.bench.report import render_text, report_json, write_outputs
 from aira_opt.bench.run import Setting, run_bench
+from aira_opt.bench.runners import RUNNERS
 from aira_opt.check.parity import BASELINES, load_questions, report_table, run_check
 from aira_opt.core.artifacts import read_manifest, refuse_existing
 from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
@@ -23,7 +24,7 @@ from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.export.support import read_format
 from aira_opt.generation.chat import Chat, settings_from_folder
 from aira_opt.inspection import inspect_folder
-from aira_opt.precision.pipeline import default_output, export_model
+from aira_opt.precision.pipeline import default_output, export_model, kernel_choices, kernel_options
 from aira_opt.precision.variants import BLOCK_SIZES, exportable_names, variant
 from aira_opt.runtime.providers import PROVIDERS
 from aira_opt.serve.repository import ServingOptions, write_repository
@@ -139,12 +140,17 @@ def _load(model_spec: str, num_layers: int | None) -> LoadedModel:
 @click.option("--exporter", "exporter_name", type=click.Choice(list(EXPORTERS)), default=DEFAULT_EXPORTER,
               show_default=True, help="torch: our torch.onnx (dynamo) exporter; optimum: optimum-onnx's, which needs "
                                       "`pip install 'aira-opt[optimum]'` (transformers 4.57).")
+@click.option("--kernels", type=click.Choice(kernel_choices()), default="auto", show_default=True,
+              envvar="AIRA_OPT_KERNELS",
+              help="int8/int4 only: auto times the candidate kernels on this CPU (cached per machine) and takes the "
+                   "fastest that passes the sanity bar; default skips the timing; a name forces that kernel.")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
-               atol: float | None, block_size: int | None, fuse: bool | None, exporter_name: str) -> None:
+               atol: float | None, block_size: int | None, fuse: bool | None, exporter_name: str,
+               kernels: str) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
     EXPORTERS[exporter_name].check_available()  # a missing extra is an error before the slow model load
     record = variant(precision)
-    record.settings(block_size)  # option errors before the slow model load
+    kernel_options(record, precision, record.settings(block_size), block_size, kernels)  # option errors first
     fused = record.fused(fuse)
     loaded = _load(model_spec, num_layers)
     output = output or default_output(loaded.name, record.folder_name(block_size, fused))
@@ -152,7 +158,7 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
     # The variants start from the fp32 graph: an existing, intact fp32 export of the same model saves a re-export.
     reuse = None if precision == "fp32" else default_output(loaded.name, "fp32")
     export_model(loaded, precision, output, force=force, block_size=block_size, fused=fused, atol=atol,
-                 reuse_fp32=reuse, exporter_name=exporter_name)
+                 reuse_fp32=reuse, exporter_name=exporter_name, kernels=kernels)
     click.echo(f"wrote {output}")
 
 
@@ -323,8 +329,10 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
               help="TensorRT engine(s) for the trt backend (needs TensorRT and a GPU).")
 @click.option("--genai", "genai_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder(s) built by onnxruntime-genai's model builder (benchmarks/build_genai.sh), repeatable.")
-@click.option("--backends", default="torch,ort,optimum,genai,trt", show_default=True,
-              help="Comma-separated subset of torch, ort, optimum, genai, trt.")
+@click.option("--gguf", "gguf_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="GGUF file(s) for the llamacpp backend (benchmarks/make_gguf.py), repeatable.")
+@click.option("--backends", default=",".join(RUNNERS), show_default=True,
+              help=f"Comma-separated subset of {', '.join(RUNNERS)}.")
 @click.option("--prompt-lengths", default="64", show_default=True, callback=_int_list)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--batch-sizes", default="1", show_default=True, callback=_int_list)
@@ -340,14 +348,14 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
               help="The python of a virtual environment with `aira-opt[optimum]` (transformers 4.57), which runs the "
                    "optimum backend [default: this environment, when optimum imports here].")
 def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
-              genai_dirs: tuple[Path, ...], backends: str, prompt_lengths: list[int], new_tokens: int,
+              genai_dirs: tuple[Path, ...], gguf_files: tuple[Path, ...], backends: str, prompt_lengths: list[int], new_tokens: int,
               batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str,
               json_target: str | None, markdown_path: Path | None, plot_path: Path | None,
               optimum_python: str | None) -> None:
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
     plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), wanted, provider,
-                     optimum_python)
+                     optimum_python, list(gguf_files))
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     if plan.context is not None and max(prompt_lengths) + new_tokens > plan.context:
         raise OptionError(f"a {max(prompt_lengths)}-token prompt + {new_tokens} new tokens exceeds the model's "

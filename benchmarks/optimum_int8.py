@@ -26,7 +26,8 @@ if __name__ == "__main__":
     (args.output / "model_quantized.onnx").rename(args.output / "model.onnx")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                  "config.json"):
-        shutil.copy2(args.fp32_folder / name, args.output / name)
+        if (args.fp32_folder / name).is_file():  # transformers 5 no longer writes special_tokens_map.json
+            shutil.copy2(args.fp32_folder / name, args.output / name)
     source = read_manifest(args.fp32_folder)
     write_manifest(args.output, {"precision": "int8-dynamic", "source_model": source["source_model"],
                                  "quantization": {"method": "optimum ORTQuantizer, AutoQuantizationConfig.avx2("

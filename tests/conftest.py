@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import pytest
 
 warnings.filterwarnings("ignore")
+# Exports in tests use each variant's default kernels, the same on every machine; tests/test_kernels.py times them.
+os.environ["AIRA_OPT_KERNELS"] = "default"
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +64,8 @@ class LazyVariants:
         from aira_opt.precision.pipeline import export_model
 
         if precision not in self.made:
-            export_model(self.tiny, precision, self.root / precision, quiet=True, reuse_fp32=self.fp32)
+            export_model(self.tiny, precision, self.root / precision, quiet=True, reuse_fp32=self.fp32,
+                         kernels="default")
             self.made[precision] = self.root / precision
         return self.made[precision]
 

@@ -117,3 +117,21 @@ def test_genai_rows_run_with_the_bench_thread_settings(tiny_export, tmp_path):
     report = json.loads((tmp_path / "g.json").read_text())
     assert [r["backend"] for r in report["results"]] == ["genai"] and report["skipped"] == []
     assert report["results"][0]["decode_steps"] == 3
+
+
+def test_llamacpp_rows_skip_with_their_reason_without_a_gguf_or_without_llama_cpp(tiny_export, tmp_path, monkeypatch):
+    import importlib.util
+
+    from aira_opt.bench.planning import plan_jobs
+
+    plan = plan_jobs("aira-tiny", None, [tiny_export], [], [], ["ort", "llamacpp"])
+    assert [j.label for j in plan.jobs] == ["ort fp32"]
+    assert plan.skipped == [{"backend": "llamacpp", "reason": plan.skipped[0]["reason"]}]
+    assert "--gguf" in plan.skipped[0]["reason"] and "make_gguf.py" in plan.skipped[0]["reason"]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    plan = plan_jobs("aira-tiny", None, [tiny_export], [], [], ["llamacpp"], gguf_files=[gguf])
+    assert not plan.jobs and "build_llamacpp.sh" in plan.skipped[0]["reason"]

@@ -13,16 +13,7 @@ from typing import Any
 import numpy as np
 
 from aira_opt.core.artifacts import library_versions
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from aira_opt.core.cpu import cpu_model, instruction_sets
 
 
 def probe_bandwidth_gbps(megabytes: int = 512, repeats: int = 3) -> float:
@@ -63,7 +54,8 @@ def machine_info(threads: int | None, bandwidth_gbps: float) -> dict[str, Any]:
     import psutil
 
     info = {
-        "cpu": cpu_model(), "cores_logical": os.cpu_count(), "cores_physical": psutil.cpu_count(logical=False),
+        "cpu": cpu_model(), "instruction_sets": list(instruction_sets()), "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
         "threads": threads or os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
         "platform": platform.platform(), "memory_bandwidth_gbps": round(bandwidth_gbps, 2),
         "versions": library_versions(), "gpu": None,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from aira_opt.bench.runners import RUNNERS, Job
+from aira_opt.bench.weights import gguf_type
 from aira_opt.core.artifacts import graph_is_fused, read_manifest
 from aira_opt.core.errors import AiraOptError, TensorRTUnavailableError
 from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
@@ -81,7 +82,7 @@ def optimum_missing() -> str | None:
 
 def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], engines: list[Path],
               genai_dirs: list[Path], backends: list[str], provider: str = "cpu",
-              optimum_python: str | None = None) -> BenchPlan:
+              optimum_python: str | None = None, gguf_files: list[Path] | None = None) -> BenchPlan:
     from transformers import AutoTokenizer  # heavy: only once a bench is planned
 
     unknown = [b for b in backends if b not in RUNNERS]
@@ -129,6 +130,16 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
             for folder in genai_dirs:
                 label = genai_label(folder)
                 jobs.append(Job("genai", f"genai {label}", label, folder=str(folder)))
+    if "llamacpp" in backends:
+        if not gguf_files:
+            skipped.append({"backend": "llamacpp", "reason": "no --gguf file (benchmarks/make_gguf.py converts and "
+                            "quantizes a checkpoint with llama.cpp's own tools)"})
+        elif importlib.util.find_spec("llama_cpp") is None:
+            skipped.append({"backend": "llamacpp", "reason": "llama-cpp-python is not installed (PyPI has no CPU "
+                            "wheel: benchmarks/build_llamacpp.sh builds one for this CPU and caches it)"})
+        else:
+            for path in gguf_files:
+                jobs.append(Job("llamacpp", f"llamacpp {gguf_type(path)}", gguf_type(path), folder=str(path)))
     if "trt" in backends:
         for engine in engines:
             missing = trt_missing()

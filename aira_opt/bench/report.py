@@ -10,7 +10,7 @@ from aira_opt.core.tables import markdown_table, text_table
 
 
 HEADERS = ["backend", "B", "prompt", "new", "TTFT ms", "x torch", "decode tok/s", "x torch", "% of bound",
-           "p50 ms", "p90 ms", "p99 ms", "peak RSS MB", "size MB"]
+           "p50 ms", "p90 ms", "p99 ms", "peak RSS MB", "size MB", "kernels"]
 
 
 def table_rows(report: BenchReport) -> list[list[Any]]:
@@ -23,14 +23,14 @@ def table_rows(report: BenchReport) -> list[list[Any]]:
             f"{base.ttft_ms / r.ttft_ms:.2f}x" if base else "-", r.decode_tokens_per_s,
             f"{r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x" if base else "-",
             f"{r.pct_of_bound:.0f}%" if r.pct_of_bound is not None else "-",
-            r.decode_ms_p50, r.decode_ms_p90, r.decode_ms_p99, r.peak_rss_mb, r.size_mb,
+            r.decode_ms_p50, r.decode_ms_p90, r.decode_ms_p99, r.peak_rss_mb, r.size_mb, r.kernels or "-",
         ])
     return rows
 
 
 def render_text(report: BenchReport) -> str:
     m = report.machine
-    head = (f"{m['cpu']} | {m['threads']} threads | {m['memory_gb']} GB | memory bandwidth "
+    head = (f"{m['cpu']} ({' '.join(m.get('instruction_sets', [])) or '?'}) | {m['threads']} threads | {m['memory_gb']} GB | memory bandwidth "
             f"{m['memory_bandwidth_gbps']} GB/s (copy, read+write)"
             + (f" | GPU {m['gpu']}, {m.get('gpu_memory_bandwidth_gbps')} GB/s copy" if m["gpu"] else ""))
     lines = [head, text_table(HEADERS, table_rows(report))]
@@ -42,7 +42,8 @@ def render_text(report: BenchReport) -> str:
 
 def render_markdown(report: BenchReport, command: str = "") -> str:
     m = report.machine
-    out = [f"Machine: {m['cpu']}, {m['threads']} threads, {m['memory_gb']} GB, measured copy bandwidth "
+    out = [f"Machine: {m['cpu']} ({', '.join(m.get('instruction_sets', [])) or 'instruction sets not recorded'}), "
+           f"{m['threads']} threads, {m['memory_gb']} GB, measured copy bandwidth "
            f"{m['memory_bandwidth_gbps']} GB/s" + (f", GPU {m['gpu']}" if m["gpu"] else "") + ".", ""]
     if command:
         out += [f"Command: `{command}`", ""]

@@ -61,6 +61,7 @@ class BenchResult:
     device: str = "cpu"
     repeats: int = 0
     decode_steps: int = 0  # timed decode steps per run: new_tokens - 1 (the first token comes from the prefill)
+    kernels: str = ""  # which kernels ran, where the backend chose (an autotuned export, llama.cpp's build)
 
 
 @dataclass
@@ -80,7 +81,8 @@ def measure(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, th
             prompts: dict[str, list[list[int]]], eos: int, pad: int) -> dict[str, Any]:
     """Body of a child process: activate the backend's runner once, then time every setting."""
     start = time.perf_counter()
-    runner = RUNNERS[job.backend](job, threads, eos, pad)
+    positions = max(s.prompt_length + s.new_tokens for s in settings)
+    runner = RUNNERS[job.backend](job, threads, eos, pad, positions)
     runner.activate()
     load_s = time.perf_counter() - start
     rows = []
@@ -97,7 +99,8 @@ def measure(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, th
         rows.append({"setting": asdict(setting), "ttft": ttfts, "steps": steps_all, "rates": rates})
     runner.deactivate()
     return {"rows": rows, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-            "device": runner.device, "size_bytes": runner.size_bytes, "weight_bytes": runner.weight_bytes}
+            "device": runner.device, "size_bytes": runner.size_bytes, "weight_bytes": runner.weight_bytes,
+            "kernels": runner.kernels}
 
 
 def _error_line(exc: BaseException) -> str:
@@ -202,6 +205,7 @@ def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float,
             pct_of_bound=(100 * (rate / s.batch_size) / bound_steps) if bound_steps and bound_steps == bound_steps
             else None,
             repeats=len(ttft), decode_steps=len(steps) // max(len(ttft), 1), device=device,
+            kernels=payload.get("kernels", ""),
         ))
     return results
 

@@ -13,9 +13,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from aira_opt.bench.weights import onnx_weight_bytes
+from aira_opt.bench.weights import gguf_type, gguf_weight_bytes, onnx_weight_bytes
+from aira_opt.core.artifacts import MANIFEST, read_manifest
 from aira_opt.generation.loop import GenerateOptions, generate
 from aira_opt.generation.sampling import GREEDY, HF_GREEDY
+from aira_opt.precision.kernels import kernel_summary
 from aira_opt.runtime.decoder import Decoder
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.providers import PROVIDERS, session_options
@@ -45,10 +47,12 @@ class BenchRunner:
 
     name: ClassVar[str]
 
-    def __init__(self, job: Job, threads: int | None, eos: int, pad: int):
+    def __init__(self, job: Job, threads: int | None, eos: int, pad: int, positions: int = 0):
         self.job, self.threads, self.eos, self.pad = job, threads, eos, pad
+        self.positions = positions  # the longest prompt + new tokens it will be asked for (0: unknown)
         self.device = "cpu" if job.provider == "cpu" else "cuda"
         self.size_bytes = self.weight_bytes = 0
+        self.kernels = ""  # which kernels ran, where the backend makes a choice (the bench row shows it)
 
     def activate(self) -> None:
         raise NotImplementedError
@@ -157,6 +161,8 @@ class OrtRunner(LoopRunner):
     def activate(self) -> None:
         self.size_bytes, self.weight_bytes = onnx_weight_bytes(Path(self.job.folder))
         self.decoder = OrtDecoder(Path(self.job.folder), provider=self.job.provider, threads=self.threads).activate()
+        folder = Path(self.job.folder)
+        self.kernels = kernel_summary(read_manifest(folder)) if (folder / MANIFEST).is_file() else ""
 
 
 class TrtRunner(LoopRunner):
@@ -206,5 +212,51 @@ class GenaiRunner(BenchRunner):
         return t1 - t0, steps
 
 
+class LlamaCppRunner(BenchRunner):
+    """llama.cpp (llama-cpp-python) over a GGUF file: the same token ids in, greedy on the last logits, one
+    sequence at a time (its Python API decodes one sequence)."""
+
+    name = "llamacpp"
+
+    def activate(self) -> None:
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.size_bytes, self.weight_bytes = gguf_weight_bytes(Path(self.job.folder))
+        threads = self.threads or os.cpu_count() or 1
+        self.model = llama_cpp.Llama(model_path=self.job.folder, n_ctx=self.positions or 0, n_batch=512,
+                                     n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        self.kernels = "llama.cpp " + gguf_type(Path(self.job.folder)) + " (" + ", ".join(
+            f for f in ("AVX512", "AVX512_VNNI", "AVX_VNNI", "AMX_INT8", "AVX2")
+            if f"{f} = 1" in llama_cpp.llama_print_system_info().decode()) + ")"
+
+    def last_logits(self) -> np.ndarray:
+        pointer = self.llama_cpp.llama_get_logits_ith(self.model.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab(),))  # [V]
+
+    def greedy(self, ids: np.ndarray, new_tokens: int) -> tuple[list[int], Timings]:
+        """ids: [1, P] -> the greedy tokens and their timings."""
+        if ids.shape[0] != 1:
+            raise ValueError("llama.cpp is benched at batch 1 only (its Python API decodes one sequence)")
+        self.model.reset()  # the next eval starts at position 0 and drops the old cache
+        start = time.perf_counter()
+        self.model.eval(ids[0].tolist())  # prefill: ids [P]
+        tokens = [int(np.argmax(self.last_logits()))]
+        first = time.perf_counter() - start
+        steps = []
+        for _ in range(new_tokens - 1):
+            start = time.perf_counter()
+            self.model.eval(tokens[-1:])
+            tokens.append(int(np.argmax(self.last_logits())))
+            steps.append(time.perf_counter() - start)
+        return tokens, (first, steps)
+
+    def infer(self, ids: np.ndarray, new_tokens: int) -> Timings:
+        return self.greedy(ids, new_tokens)[1]
+
+    def deactivate(self) -> None:
+        self.model.close()
+
+
 RUNNERS: dict[str, type[BenchRunner]] = {r.name: r for r in (TorchRunner, OrtRunner, OptimumRunner, GenaiRunner,
-                                                             TrtRunner)}
+                                                             TrtRunner, LlamaCppRunner)}

@@ -47,6 +47,7 @@ class RecipeInput:
     fused: bool  # rewrite attention to ONNX Runtime's CPU contrib ops (fusing.py)
     exporter: Exporter  # what turns the PyTorch model into ONNX (recipes that export their own graph use it too)
     weight_only: WeightOnlySettings | None = None  # int8/int4: the MatMulNBits settings to use
+    dynamic_int8: bool = False  # int8 as MatMulInteger with activations quantized per call (kernels.py chose it)
 
 
 @dataclass

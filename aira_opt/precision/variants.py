@@ -62,6 +62,7 @@ class Variant:
     fused_by_default: bool = False
     tensorrt: bool = False  # `build` takes it
     enforce_on_random_weights: bool = False  # random weights give near-flat logits: cosine bars say little
+    kernel_tuning: bool = False  # its CPU kernels are chosen by timing them at export (kernels.py)
 
     def fused(self, requested: bool | None) -> bool:
         """Whether an export is fused (None: this variant's default); fusing a TensorRT variant is refused."""
@@ -110,14 +111,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # Random-token probes leave the calibrated activation ranges (clipped): a looser sanity bar.
     Variant("int8-qdq", "TensorRT 11 explicit quantization; standard ops", qdq_recipe, Tolerance(min_cosine=0.95),
             INT8_THRESHOLDS, tensorrt=True),
-    # int8: MatMulNBits 8-bit against dynamic int8 MatMulInteger is measured in benchmarks/README.md.
+    # int8: MatMulNBits 8-bit or dynamic int8 (MatMulInteger), whichever times faster on the exporting machine
+    # (kernels.py); both are measured in benchmarks/README.md.
     Variant("int8", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.98), INT8_THRESHOLDS,
             weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=False, accuracy_level=4),
-            fusable=True, fused_by_default=True),
+            fusable=True, fused_by_default=True, kernel_tuning=True),
     # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound. Weights
     # already on a 4-bit grid (a GGUF source) keep it exactly (source_grid.py).
     Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95), INT4_THRESHOLDS,
-            weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True),
+            weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True, kernel_tuning=True),
     # The fused fp16 graph for ONNX Runtime CUDA (GroupQueryAttention is fp16 there) and its int4 (cuda.py).
     Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS,
             fusable=True, fused_by_default=True),

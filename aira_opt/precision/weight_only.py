@@ -1,5 +1,6 @@
 """int8 / int4 for CPUs: ONNX Runtime's MatMulNBits (a contrib op), weight-only and block-wise, with attention
-fused to GroupQueryAttention first (fusing.py) unless the export asks for standard attention."""
+fused to GroupQueryAttention first (fusing.py) unless the export asks for standard attention; or, for int8 where
+it measured faster (kernels.py), dynamic int8 (dynamic_int8.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import onnx
 
 from aira_opt.export.onnx_files import save_model
+from aira_opt.precision.dynamic_int8 import dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.graph import weight_matmuls
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
@@ -45,8 +47,12 @@ def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySe
 
 
 def weight_only_recipe(job: RecipeInput) -> RecipeOutput:
+    """MatMulNBits with the job's settings, or dynamic int8 where the kernel choice (kernels.py) says so."""
     assert job.weight_only is not None, "a weight-only variant always has its settings"
     source = job.fp32_graph()
-    quantization, fusion = quantize_weight_only(source.path, job.output, job.weight_only,
-                                                job.loaded.config if job.fused else None)
+    fuse_config = job.loaded.config if job.fused else None
+    if job.dynamic_int8:
+        quantization, fusion = dynamic_int8(onnx.load(str(source.path)), job.output, fuse_config)
+    else:
+        quantization, fusion = quantize_weight_only(source.path, job.output, job.weight_only, fuse_config)
     return RecipeOutput(quantization=quantization, fusion=fusion, kept_fp32="all non-MatMul compute")
