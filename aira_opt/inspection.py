@@ -8,10 +8,11 @@ from typing import Any
 
 from aira_opt.core.artifacts import read_manifest, unlisted_files, verify_manifest
 from aira_opt.export.portable import read_metadata
+from aira_opt.precision.kernels import kernel_summary
 from aira_opt.tensorrt.engines import SIDECAR, verify_engine_folder
 
 ENGINE_KEYS = ("tensorrt_version", "gpu", "compute_capability", "target", "hardware_compatibility_level", "precision")
-EXPORT_KEYS = ("folder", "precision", "source_model", "opset", "files", "kept_fp32", "quantization", "graph")
+EXPORT_KEYS = ("folder", "precision", "source_model", "opset", "files", "kept_fp32", "quantization", "kernels", "graph")
 
 
 def inspect_folder(folder: Path) -> tuple[dict[str, Any], list[str]]:
@@ -48,7 +49,7 @@ def inspect_export(folder: Path) -> tuple[dict[str, Any], list[str]]:
         "files": len(manifest.get("files", {})), "hashes_ok": not problems, "problems": problems,
         "contract": manifest.get("contract"), "kept_fp32": manifest.get("kept_fp32"),
         "quantization": manifest.get("quantization"), "graph": manifest.get("graph", {"fused": False}),
-        "metadata": metadata, "unlisted_files": unknown,
+        "kernels": kernel_summary(manifest) or None, "metadata": metadata, "unlisted_files": unknown,
         "genai_config": (folder / "genai_config.json").is_file(),
     }
     lines = [f"{key}: {summary[key]}" for key in EXPORT_KEYS]

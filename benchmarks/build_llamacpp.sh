@@ -2,7 +2,8 @@
 # llama.cpp for the `bench --backends llamacpp` peer: builds llama-cpp-python from its source distribution with
 # native CPU flags (PyPI has no CPU wheel), caches the wheel per version and per instruction-set family, installs it
 # into the running Python, and keeps the source distribution (its convert_hf_to_gguf.py converts checkpoints).
-#   benchmarks/build_llamacpp.sh            prints the folder holding the sdist and the wheel
+#   benchmarks/build_llamacpp.sh                 prints the folder holding the sdist and the wheel
+#   benchmarks/build_llamacpp.sh --cached-only   installs a wheel already built for this CPU family, else exits 3
 # The cache lives beside the user's model cache (AIRA_OPT_CACHE, else XDG_CACHE_HOME/aira-opt, else ~/.cache/aira-opt),
 # so CI and later runs on a machine of the same family skip the build (it takes about 11 minutes on 2 cores).
 set -euo pipefail
@@ -15,6 +16,10 @@ isa=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
   | sort | tr '\n' '-' | sed 's/-$//')
 pyver=$("$python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 folder=$cache/llama-cpp-python/$version-$pyver-$(printf '%s' "$isa" | sha1sum | cut -c1-12)
+if [ "${1:-}" = --cached-only ] && ! ls "$folder"/llama_cpp_python-*.whl > /dev/null 2>&1; then
+  echo "no llama-cpp-python $version wheel cached for this CPU ($isa) in $folder" >&2
+  exit 3
+fi
 mkdir -p "$folder"
 if ! ls "$folder"/llama_cpp_python-*.tar.gz > /dev/null 2>&1; then
   "$python" -m pip download -q --no-deps --no-binary :all: -d "$folder" "llama-cpp-python==$version" >&2

@@ -1,15 +1,17 @@
-"""The CPU goals of issue 19, judged as ratios within one `aira-opt bench` JSON (benchmarks/run_cpu.sh writes it).
+"""The CPU goals of issue 19, judged as ratios within `aira-opt bench` runs on one machine (benchmarks/run_cpu.sh
+writes one; more runs of the same machine, made one after another, interleave the backends against drift).
 
-    python benchmarks/cpu_goals.py benchmarks/results/<date>-cpu.json [--markdown OUT.md]
+    python benchmarks/cpu_goals.py benchmarks/results/<date>-cpu.json [more.json ...] [--markdown OUT.md]
 
-Each goal compares rows of the same run on the same machine: ours against llama.cpp, onnxruntime-genai and optimum.
-A goal whose reference row is missing (a peer skipped) is reported as such, never as met.
+Each goal compares ours against llama.cpp, onnxruntime-genai and optimum; a backend in several runs counts with
+the median of its rows. A goal whose reference row is missing (a peer skipped) is reported as such, never as met.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +43,33 @@ def goals(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, float | 
     add("int4 decode vs llama.cpp Q4_K_M", "ort int4", "llamacpp Q4_K_M", "decode_tokens_per_s", 1.2, True)
     add("int4 time to first token vs genai int4", "ort int4", "genai int4", "ttft_ms", 0.8, False)
     for label, row in rows.items():
-        if label.startswith("ort "):
+        if label in ("ort fp32", "ort fp32-fused", "ort int8", "ort int4"):  # our variants, not a peer's recipe
             ratio = row["peak_rss_mb"] / row["size_mb"]
             out.append((f"{label[4:]} peak RSS vs size on disk", label, "its files", ratio, "≤ 1.15x", ratio <= 1.15))
     return out
 
 
-def render(report: dict[str, Any]) -> str:
-    rows = {r["label"]: r for r in report["results"] if r["batch_size"] == 1}
-    m = report["machine"]
-    lines = [f"Goals on {m['cpu']} ({', '.join(m.get('instruction_sets', []))}), {m['threads']} threads, one run.", "",
+def median_rows(reports: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """label -> the median of each metric over that label's batch-1 rows in every report."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for report in reports:
+        for row in report["results"]:
+            if row["batch_size"] == 1:
+                grouped.setdefault(row["label"], []).append(row)
+    return {label: {k: statistics.median(r[k] for r in rows) for k in ("ttft_ms", "decode_tokens_per_s",
+                                                                      "peak_rss_mb", "size_mb")}
+            for label, rows in grouped.items()}
+
+
+def render(reports: list[dict[str, Any]]) -> str:
+    rows = median_rows(reports)
+    m = reports[0]["machine"]
+    runs = "one run" if len(reports) == 1 else f"medians over {len(reports)} runs"
+    lines = [f"Goals on {m['cpu']} ({', '.join(m.get('instruction_sets', []))}), {m['threads']} threads, {runs}.",
+             "",
              "| goal | ours | reference | ratio | target | met |", "|---|---|---|---|---|---|"]
     for goal, ours, ref, ratio, target, met in goals(rows):
-        shown = "row missing" if ratio is None else f"{ratio:.2f}x"
+        shown = "row missing" if ratio is None else f"{ratio:.3f}x"
         verdict = "-" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {goal} | {ours} | {ref} | {shown} | {target} | {verdict} |")
     return "\n".join(lines) + "\n"
@@ -61,10 +77,13 @@ def render(report: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench_json", type=Path)
+    parser.add_argument("bench_json", type=Path, nargs="+")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
-    text = render(json.loads(args.bench_json.read_text()))
+    reports = [json.loads(path.read_text()) for path in args.bench_json]
+    if len({r["machine"]["cpu"] for r in reports}) > 1:
+        parser.error("the runs come from different CPUs; goals are ratios within one machine")
+    text = render(reports)
     print(text, end="")
     if args.markdown:
         args.markdown.write_text(text)

@@ -99,6 +99,8 @@ def test_dynamic_int8_is_standard_ops_and_passes_int8s_check_on_aira_tiny(tiny, 
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMulNBits" not in ops
     result = CliRunner().invoke(main, ["check", "--onnx", str(tmp_path / "dyn")])  # int8's full bar
     assert result.exit_code == 0 and "PASSED" in result.output, result.output
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "dyn")])
+    assert shown.exit_code == 0 and "kernels: dynamic (--kernels dynamic)" in shown.output
 
 
 def test_a_faster_kernel_that_misses_the_sanity_bar_gives_way_to_the_next(tiny, tiny_export, small_probe, tmp_path):
@@ -146,3 +148,22 @@ def test_cpu_facts_come_from_this_machine():
     assert cpu.has_int8_dot() == any(f in flags for f in cpu.INT8_DOT_FEATURES)
     assert cpu.last_level_cache_bytes() >= 0
     assert cpu.cpu_model() in cpu.machine_key(2) and cpu.machine_key(2).endswith("x2")
+
+
+def test_an_8_bit_dynamic_export_warns_on_a_cpu_whose_int8_kernels_may_saturate(tiny, tiny_export, tmp_path,
+                                                                                monkeypatch):
+    import warnings
+
+    from aira_opt.runtime import ort as ort_runtime
+
+    folder = tmp_path / "dyn8"
+    export_model(tiny, "int8", folder, quiet=True, reuse_fp32=tiny_export, kernels="dynamic")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["quantization"]["weight_range"] = "8-bit"  # as a VNNI machine's export records it
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for dot, expected in ((False, True), (True, False)):
+        monkeypatch.setattr(ort_runtime, "has_int8_dot", lambda dot=dot: dot)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ort_runtime.OrtDecoder(folder).activate().deactivate()
+        assert any("may saturate" in str(w.message) for w in caught) == expected

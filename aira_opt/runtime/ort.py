@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import onnxruntime as ort
 
 from aira_opt.core.artifacts import MANIFEST, graph_is_fused, read_manifest
 from aira_opt.core.contract import ORT_KV_DTYPES, DecoderContract
+from aira_opt.core.cpu import has_int8_dot
 from aira_opt.core.errors import ExportFolderError, ProviderUnavailableError
 from aira_opt.runtime.decoder import DecoderLifecycle, KVCache, StepOutput
 from aira_opt.runtime.providers import resolve_provider, session_options
@@ -50,6 +52,16 @@ def read_config(folder: Path) -> dict[str, Any]:
 def fused_graph(folder: Path) -> bool:
     """Whether the export's manifest says its attention is fused (a folder without a manifest: no)."""
     return (Path(folder) / MANIFEST).is_file() and graph_is_fused(read_manifest(folder))
+
+
+def saturation_risk(folder: Path) -> bool:
+    """Dynamic int8 with full 8-bit weights (kernels chosen on a VNNI CPU) running where u8 x s8 products are added
+    in 16 bits (AVX2 without VNNI): ONNX Runtime's kernels may saturate there."""
+    if not (Path(folder) / MANIFEST).is_file():
+        return False
+    quantization = read_manifest(folder).get("quantization") or {}
+    return (isinstance(quantization, dict) and str(quantization.get("method", "")).startswith("dynamic int8")
+            and str(quantization.get("weight_range", "")).startswith("8-bit") and not has_int8_dot())
 
 
 class OrtDecoder(DecoderLifecycle):
@@ -93,6 +105,10 @@ class OrtDecoder(DecoderLifecycle):
             if missing:
                 raise ExportFolderError(f"'{self.model_path}' lacks inputs {missing}; not an aira-opt decoder export")
             self.kv_dtype = ORT_KV_DTYPES[inputs[self.contract.past_names()[0]].type]
+            if saturation_risk(self.folder):
+                warnings.warn(f"{self.folder} holds 8-bit dynamic int8 weights, chosen on a CPU with an int8 dot "
+                              "product; this CPU lacks one, so its int8 kernels may saturate: export again here "
+                              "(it picks 7-bit weights) or with --kernels default", RuntimeWarning, stacklevel=2)
         return self
 
     def deactivate(self) -> None:
