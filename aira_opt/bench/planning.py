@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,35 @@ def engine_precision(folder: Path) -> str:
     return str(json.loads((Path(folder) / SIDECAR).read_text()).get("precision", "?"))
 
 
+@dataclass(frozen=True)
+class PeerBackend:
+    """A peer that runs its own files: what `bench` needs given, the module it imports, how to get each."""
+
+    name: str
+    source_option: str  # e.g. "--genai folder (build one with benchmarks/build_genai.sh)"
+    module: str  # imported by its runner
+    install: str  # how to get the module
+    label: Callable[[Path], str]  # the precision a source holds
+
+
+PEERS = {p.name: p for p in (
+    PeerBackend("genai", "--genai folder (build one with benchmarks/build_genai.sh)", "onnxruntime_genai",
+                "onnxruntime-genai is not installed (pip install 'aira-opt[genai]')", genai_label),
+    PeerBackend("llamacpp", "--gguf file (benchmarks/make_gguf.py converts and quantizes a checkpoint with "
+                "llama.cpp's own tools)", "llama_cpp", "llama-cpp-python is not installed (PyPI has no CPU wheel: "
+                "benchmarks/build_llamacpp.sh builds one for this CPU and caches it)", gguf_type),
+)}
+
+
+def peer_backend_jobs(peer: PeerBackend, sources: list[Path]) -> tuple[list[Job], str | None]:
+    """One job per source, or none and the reason (no source given, or the peer's package missing)."""
+    if not sources:
+        return [], f"no {peer.source_option}"
+    if importlib.util.find_spec(peer.module) is None:
+        return [], peer.install
+    return [Job(peer.name, f"{peer.name} {peer.label(s)}", peer.label(s), folder=str(s)) for s in sources], None
+
+
 def optimum_missing() -> str | None:
     """Why optimum's runtime cannot run in this environment, or None when it can."""
     try:
@@ -119,27 +149,11 @@ def plan_jobs(model_spec: str, num_layers: int | None, onnx_dirs: list[Path], en
                 python = (optimum_python or "") if backend == "optimum" else ""
                 jobs.append(Job(backend, f"{backend} {label}{where}", label, folder=str(folder), provider=provider,
                                 python=python))
-    if "genai" in backends:
-        if not genai_dirs:
-            skipped.append({"backend": "genai", "reason": "no --genai folder (build one with "
-                            "benchmarks/build_genai.sh)"})
-        elif importlib.util.find_spec("onnxruntime_genai") is None:
-            skipped.append({"backend": "genai", "reason": "onnxruntime-genai is not installed "
-                            "(pip install 'aira-opt[genai]')"})
-        else:
-            for folder in genai_dirs:
-                label = genai_label(folder)
-                jobs.append(Job("genai", f"genai {label}", label, folder=str(folder)))
-    if "llamacpp" in backends:
-        if not gguf_files:
-            skipped.append({"backend": "llamacpp", "reason": "no --gguf file (benchmarks/make_gguf.py converts and "
-                            "quantizes a checkpoint with llama.cpp's own tools)"})
-        elif importlib.util.find_spec("llama_cpp") is None:
-            skipped.append({"backend": "llamacpp", "reason": "llama-cpp-python is not installed (PyPI has no CPU "
-                            "wheel: benchmarks/build_llamacpp.sh builds one for this CPU and caches it)"})
-        else:
-            for path in gguf_files:
-                jobs.append(Job("llamacpp", f"llamacpp {gguf_type(path)}", gguf_type(path), folder=str(path)))
+    for backend, sources in (("genai", genai_dirs), ("llamacpp", gguf_files or [])):
+        if backend in backends:
+            peer_jobs, reason = peer_backend_jobs(PEERS[backend], [Path(s) for s in sources])
+            jobs.extend(peer_jobs)
+            skipped.extend([{"backend": backend, "reason": reason}] if reason else [])
     if "trt" in backends:
         for engine in engines:
             missing = trt_missing()

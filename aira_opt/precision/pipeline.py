@@ -159,8 +159,9 @@ def export_model(loaded: LoadedModel, precision: str, output: Path, force: bool 
                         if attempt is None or attempt.same_numerics or attempt is attempts[-1]:
                             raise
                         rejected[attempt.name] = exc.message.splitlines()[0]
-                        click.echo(f"      {attempt.name} missed the sanity bar ({rejected[attempt.name]}); "
-                                   "trying the next fastest kernels", err=True)
+                        if not quiet:
+                            click.echo(f"      {attempt.name} missed the sanity bar ({rejected[attempt.name]}); "
+                                       "trying the next fastest kernels", err=True)
                         remove_model_files(tmp / "model.onnx")
                         steps.total += 3  # export, support files and validation once more
                         continue
