@@ -348,8 +348,8 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
               help="The python of a virtual environment with `aira-opt[optimum]` (transformers 4.57), which runs the "
                    "optimum backend [default: this environment, when optimum imports here].")
 def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
-              genai_dirs: tuple[Path, ...], gguf_files: tuple[Path, ...], backends: str, prompt_lengths: list[int], new_tokens: int,
-              batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str,
+              genai_dirs: tuple[Path, ...], gguf_files: tuple[Path, ...], backends: str, prompt_lengths: list[int],
+              new_tokens: int, batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str,
               json_target: str | None, markdown_path: Path | None, plot_path: Path | None,
               optimum_python: str | None) -> None:
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""

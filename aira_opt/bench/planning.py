@@ -97,7 +97,8 @@ def peer_backend_jobs(peer: PeerBackend, sources: list[Path]) -> tuple[list[Job]
         return [], f"no {peer.source_option}"
     if importlib.util.find_spec(peer.module) is None:
         return [], peer.install
-    return [Job(peer.name, f"{peer.name} {peer.label(s)}", peer.label(s), folder=str(s)) for s in sources], None
+    labelled = [(source, peer.label(source)) for source in sources]  # reads each source's header once
+    return [Job(peer.name, f"{peer.name} {label}", label, folder=str(source)) for source, label in labelled], None
 
 
 def optimum_missing() -> str | None:

@@ -30,7 +30,8 @@ def table_rows(report: BenchReport) -> list[list[Any]]:
 
 def render_text(report: BenchReport) -> str:
     m = report.machine
-    head = (f"{m['cpu']} ({' '.join(m.get('instruction_sets', [])) or '?'}) | {m['threads']} threads | {m['memory_gb']} GB | memory bandwidth "
+    isa = " ".join(m.get("instruction_sets", [])) or "?"
+    head = (f"{m['cpu']} ({isa}) | {m['threads']} threads | {m['memory_gb']} GB | memory bandwidth "
             f"{m['memory_bandwidth_gbps']} GB/s (copy, read+write)"
             + (f" | GPU {m['gpu']}, {m.get('gpu_memory_bandwidth_gbps')} GB/s copy" if m["gpu"] else ""))
     lines = [head, text_table(HEADERS, table_rows(report))]

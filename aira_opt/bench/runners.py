@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from aira_opt.bench.weights import gguf_type, gguf_weight_bytes, onnx_weight_bytes
-from aira_opt.core.artifacts import MANIFEST, read_manifest
+from aira_opt.bench.weights import gguf_weight_bytes, onnx_weight_bytes
 from aira_opt.generation.loop import GenerateOptions, generate
 from aira_opt.generation.sampling import GREEDY, HF_GREEDY
 from aira_opt.precision.kernels import kernel_summary
@@ -161,8 +160,7 @@ class OrtRunner(LoopRunner):
     def activate(self) -> None:
         self.size_bytes, self.weight_bytes = onnx_weight_bytes(Path(self.job.folder))
         self.decoder = OrtDecoder(Path(self.job.folder), provider=self.job.provider, threads=self.threads).activate()
-        folder = Path(self.job.folder)
-        self.kernels = kernel_summary(read_manifest(folder)) if (folder / MANIFEST).is_file() else ""
+        self.kernels = kernel_summary(self.decoder.manifest)
 
 
 class TrtRunner(LoopRunner):
@@ -226,9 +224,9 @@ class LlamaCppRunner(BenchRunner):
         threads = self.threads or os.cpu_count() or 1
         self.model = llama_cpp.Llama(model_path=self.job.folder, n_ctx=self.positions or 0, n_batch=512,
                                      n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
-        self.kernels = "llama.cpp " + gguf_type(Path(self.job.folder)) + " (" + ", ".join(
-            f for f in ("AVX512", "AVX512_VNNI", "AVX_VNNI", "AMX_INT8", "AVX2")
-            if f"{f} = 1" in llama_cpp.llama_print_system_info().decode()) + ")"
+        system = llama_cpp.llama_print_system_info().decode()  # "AVX2 = 1 | ..." as built for this CPU
+        simd = [f for f in ("AVX512", "AVX512_VNNI", "AVX_VNNI", "AMX_INT8", "AVX2") if f"{f} = 1" in system]
+        self.kernels = f"llama.cpp {self.job.precision} ({', '.join(simd)})"  # precision: the GGUF's type
 
     def last_logits(self) -> np.ndarray:
         pointer = self.llama_cpp.llama_get_logits_ith(self.model.ctx, -1)

@@ -67,10 +67,6 @@ def candidates(precision: str, settings: WeightOnlySettings, block_size_given: b
     return options
 
 
-def candidate_names(precision: str, settings: WeightOnlySettings | None) -> list[str]:
-    return [c.name for c in candidates(precision, settings, False)] if settings else []
-
-
 # The probe --------------------------------------------------------------------------------------------------
 def layer_shapes(config: Any) -> list[tuple[int, int]]:
     """(K, N) of one decoder layer's weight MatMuls as the fused export packs them: qkv, o, gate+up, down."""

@@ -49,17 +49,15 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def fused_graph(folder: Path) -> bool:
-    """Whether the export's manifest says its attention is fused (a folder without a manifest: no)."""
-    return (Path(folder) / MANIFEST).is_file() and graph_is_fused(read_manifest(folder))
+def folder_manifest(folder: Path) -> dict[str, Any]:
+    """The export's manifest, or {} for a folder without one (made by another tool)."""
+    return read_manifest(folder) if (Path(folder) / MANIFEST).is_file() else {}
 
 
-def saturation_risk(folder: Path) -> bool:
+def saturation_risk(manifest: dict[str, Any]) -> bool:
     """Dynamic int8 with full 8-bit weights (kernels chosen on a VNNI CPU) running where u8 x s8 products are added
     in 16 bits (AVX2 without VNNI): ONNX Runtime's kernels may saturate there."""
-    if not (Path(folder) / MANIFEST).is_file():
-        return False
-    quantization = read_manifest(folder).get("quantization") or {}
+    quantization = manifest.get("quantization") or {}
     return (isinstance(quantization, dict) and str(quantization.get("method", "")).startswith("dynamic int8")
             and str(quantization.get("weight_range", "")).startswith("8-bit") and not has_int8_dot())
 
@@ -72,6 +70,7 @@ class OrtDecoder(DecoderLifecycle):
         self.provider = provider
         self.model_path = onnx_file(self.folder)
         self.config: dict[str, Any] = read_config(self.folder)
+        self.manifest = folder_manifest(self.folder)
         self.contract = DecoderContract.from_config_dict(self.config)
         self.providers = resolve_provider(provider)
         self.threads = threads
@@ -80,7 +79,7 @@ class OrtDecoder(DecoderLifecycle):
         self.kv_dtype: Any = None
         # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only
         # (fp32/int8/int4 on the CPU provider, fp16-cuda/int4-cuda on CUDA or the CPU); TensorRT never.
-        self.in_place_cache = provider in ("cpu", "cuda") and fused_graph(self.folder)
+        self.in_place_cache = provider in ("cpu", "cuda") and graph_is_fused(self.manifest)
 
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:
@@ -105,7 +104,7 @@ class OrtDecoder(DecoderLifecycle):
             if missing:
                 raise ExportFolderError(f"'{self.model_path}' lacks inputs {missing}; not an aira-opt decoder export")
             self.kv_dtype = ORT_KV_DTYPES[inputs[self.contract.past_names()[0]].type]
-            if saturation_risk(self.folder):
+            if saturation_risk(self.manifest):
                 warnings.warn(f"{self.folder} holds 8-bit dynamic int8 weights, chosen on a CPU with an int8 dot "
                               "product; this CPU lacks one, so its int8 kernels may saturate: export again here "
                               "(it picks 7-bit weights) or with --kernels default", RuntimeWarning, stacklevel=2)
