@@ -11,28 +11,28 @@ from typing import Any
 
 import click
 
-from aira_opt import __version__
-from aira_opt.bench.planning import plan_jobs
+from aira_opt import api
+from aira_opt._version import __version__
+from aira_opt.bench.backends import RUNNERS, BenchSources
+from aira_opt.bench.jobs import plan_jobs
+from aira_opt.bench.measure import Setting, run_bench
 from aira_opt.bench.report import render_text, report_json, write_outputs
-from aira_opt.bench.run import Setting, run_bench
-from aira_opt.bench.runners import RUNNERS
-from aira_opt.check.parity import BASELINES, load_questions, report_table, run_check
-from aira_opt.core.artifacts import read_manifest, refuse_existing
+from aira_opt.check.parity import BASELINES, check_folder, report_table
 from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
-from aira_opt.decoders import chosen_folder, open_decoder
+from aira_opt.core.progress import print_progress
 from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
-from aira_opt.export.support import read_format
-from aira_opt.generation.chat import Chat, settings_from_folder
+from aira_opt.folders import ExportFolder
 from aira_opt.inspection import inspect_folder
-from aira_opt.precision.pipeline import default_output, export_model, kernel_choices, kernel_options
-from aira_opt.precision.variants import BLOCK_SIZES, exportable_names, variant
+from aira_opt.pipeline.export_plan import kernel_choices, plan_export
+from aira_opt.pipeline.export_run import run_export
+from aira_opt.precision.variants import BLOCK_SIZES, exportable_names
+from aira_opt.runners import chosen_folder
 from aira_opt.runtime.providers import PROVIDERS
 from aira_opt.serve.repository import ServingOptions, write_repository
-from aira_opt.serve.server import Ports, serve_folder
-from aira_opt.spec.models import LoadedModel, load_model, spec_name
+from aira_opt.serve.server import LOCAL_HOST, Ports, serve_folder
+from aira_opt.spec.models import spec_name
+from aira_opt.tensorrt.build_plan import TARGETS, BuildOptions, describe_plan, make_plan
 from aira_opt.tensorrt.engines import build_engine
-from aira_opt.tensorrt.plan import TARGETS, BuildOptions, describe_plan, make_plan
-
 
 model_option = click.option("--model", "model_spec", default="aira-tiny", show_default=True, metavar="SPEC",
                             help="aira-tiny (bundled), aira-2-1b1-random, smollm2-135m, a local folder, a .gguf file, or a hub id.")
@@ -71,21 +71,31 @@ def human_echo(json_target: str | None) -> Any:
     return (lambda s="", **kw: click.echo(s, err=True, **kw)) if json_target == "-" else click.echo
 
 
+class CommandError(click.ClickException):
+    """A domain error as Click shows it: `Error: <its one line>`, with its exit code."""
+
+    def __init__(self, error: AiraOptError):
+        super().__init__(error.message)
+        self.exit_code = error.exit_code
+
+
 class AiraGroup(click.Group):
-    """The boundary: whatever a command raises that is not already a one-line error becomes one
-    (`Error: ...` and a hint), exit 1; with -v the traceback is shown instead."""
+    """The boundary: aira-opt's own errors become Click's one-line `Error: ...`; whatever else a command raises
+    becomes one too (with a hint), exit 1; with -v the traceback is shown instead."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
             raise
+        except AiraOptError as exc:
+            raise CommandError(exc) from exc
         except Exception as exc:
             if ctx.params.get("verbose"):
                 raise
             text = str(exc).strip().splitlines()
-            raise UnexpectedError(f"{type(exc).__name__}: {text[0] if text else 'no message'} "
-                                  "(run with -v to see the traceback)") from exc
+            raise CommandError(UnexpectedError(f"{type(exc).__name__}: {text[0] if text else 'no message'} "
+                                               "(run with -v to see the traceback)")) from exc
 
 
 @click.group(cls=AiraGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,10 +126,6 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _load(model_spec: str, num_layers: int | None) -> LoadedModel:
-    return load_model(model_spec, num_layers=num_layers)
-
-
 # export ------------------------------------------------------------------------------------------------
 @main.command("export")
 @model_option
@@ -148,18 +154,10 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
                atol: float | None, block_size: int | None, fuse: bool | None, exporter_name: str,
                kernels: str) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
-    EXPORTERS[exporter_name].check_available()  # a missing extra is an error before the slow model load
-    record = variant(precision)
-    kernel_options(record, precision, record.settings(block_size), block_size, kernels)  # option errors first
-    fused = record.fused(fuse)
-    loaded = _load(model_spec, num_layers)
-    output = output or default_output(loaded.name, record.folder_name(block_size, fused))
-    refuse_existing(output, force)
-    # The variants start from the fp32 graph: an existing, intact fp32 export of the same model saves a re-export.
-    reuse = None if precision == "fp32" else default_output(loaded.name, "fp32")
-    export_model(loaded, precision, output, force=force, block_size=block_size, fused=fused, atol=atol,
-                 reuse_fp32=reuse, exporter_name=exporter_name, kernels=kernels)
-    click.echo(f"wrote {output}")
+    plan = plan_export(model_spec, precision, output, num_layers=num_layers, force=force, block_size=block_size,
+                       fuse=fuse, atol=atol, exporter=exporter_name, kernels=kernels)  # every option, before loading
+    folder = run_export(plan, on_progress=print_progress)
+    click.echo(f"wrote {folder.path}")
 
 
 # generate ----------------------------------------------------------------------------------------------
@@ -183,22 +181,27 @@ def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str |
                  max_new_tokens: int | None, temperature: float | None, top_k: int | None, top_p: float | None,
                  repetition_penalty: float | None, json_target: str | None) -> None:
     """Answer a question (or one per line of standard input) with our generation loop."""
-    folder, decoder = open_decoder(onnx_dir, engine_dir, provider, threads)
-    options = settings_from_folder(folder, greedy=greedy, seed=seed, num_return_sequences=num_return_sequences,
-                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   repetition_penalty=repetition_penalty)
+    folder = chosen_folder(onnx_dir, engine_dir)
+    options = dict(greedy=greedy, seed=seed, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     questions = [question] if question is not None else (line.strip() for line in sys.stdin)
     answers = []
-    with Chat(folder, decoder) as chat:
+    with api.load(folder, provider, threads) as model:
+        model.options(**options)  # a bad value is one line before any question is read
         for q in questions:
             if not q:
                 continue
             if json_target == "-":
-                click.echo(json.dumps(chat.answer(q, options)))  # as each answer is ready
+                click.echo(json.dumps(model.answer(q, **options).to_json()))  # as each answer is ready
             elif json_target is not None:
-                answers.append(chat.answer(q, options))
+                answers.append(model.answer(q, **options).to_json())
+            elif num_return_sequences > 1:
+                for i, answer in enumerate(model.generate(q, **options), 1):
+                    click.echo(f"[{i}] {answer}")
             else:
-                chat.stream(q, options, click.echo)
+                for piece in model.stream(q, **options):
+                    click.echo(piece, nl=False)
+                click.echo()
     if json_target not in (None, "-"):
         emit_json(json_target, answers, lines=True)
 
@@ -232,18 +235,18 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int 
                            workspace_gib=workspace_gib, opt_level=opt_level,
                            timing_cache=str(timing_cache) if timing_cache else None)
     plan = make_plan(onnx_dir, options, two_profiles=not one_profile)
-    source = read_manifest(onnx_dir).get("source_model", {})
-    output = output or Path("engines") / spec_name(source.get("name", onnx_dir.parent.name)) / plan.precision / target
+    source_name = ExportFolder(onnx_dir).manifest.source_name or onnx_dir.parent.name
+    output = output or Path("engines") / spec_name(source_name) / plan.precision / target
     click.echo(describe_plan(plan))
     if plan.preflight:
         raise AiraOptError(f"pre-flight found {len(plan.preflight)} problem(s); not building")
     if dry_run:
         click.echo(f"dry run: would write {output}/model.plan and model.json")
         return
-    sidecar = build_engine(plan, onnx_dir, output, force=force)
-    click.echo(f"wrote {output} (TensorRT {sidecar['tensorrt_version']}, {sidecar['gpu']}, "
-               f"hardware compatibility {sidecar['hardware_compatibility_level']}, {sidecar['build_seconds']}s)")
-    if sidecar["hardware_compatibility_level"] == "AMPERE_PLUS":
+    record = build_engine(plan, onnx_dir, output, force=force).record
+    click.echo(f"wrote {output} (TensorRT {record.tensorrt_version}, {record.gpu}, "
+               f"hardware compatibility {record.hardware_compatibility_level}, {record.build_seconds}s)")
+    if record.hardware_compatibility_level == "AMPERE_PLUS":
         click.echo("note: AMPERE_PLUS plans use only kernels every Ampere+ GPU has; expect them to run slower "
                    "than a native build on the A100 itself")
 
@@ -267,32 +270,14 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int 
 def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | None, prompts_file: Path | None,
               max_new_tokens: int, json_target: str | None, provider: str, threads: int | None, baseline: str) -> None:
     """Check an export's outputs against the PyTorch baseline; exit 1 when it fails its thresholds."""
-    folder, decoder = open_decoder(onnx_dir, engine_dir, provider, threads)
-    manifest = read_manifest(folder, "manifest.json" if onnx_dir else "source_manifest.json")
-    source = manifest.get("source_model", {})
-    spec = model_spec or source.get("source")
-    if not spec:
-        raise click.UsageError("the manifest names no source model; pass --model")
-    num_layers = source.get("num_layers_override") if model_spec is None else None
-    loaded = _load(spec, num_layers)
-    precision = manifest.get("precision", "fp32")
-    fmt = read_format(folder, loaded.tokenizer)  # the format the export recorded
-    questions = load_questions(prompts_file, fmt)
-    with decoder:
-        if baseline == "cuda-fp16":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise AiraOptError("--baseline cuda-fp16 needs a CUDA GPU visible to PyTorch")
-        report = run_check(loaded, decoder, precision, questions, max_new_tokens, fmt, baseline=baseline)
+    report = check_folder(chosen_folder(onnx_dir, engine_dir), model_spec, prompts_file, max_new_tokens, provider,
+                          threads, baseline)
     data = report.to_json()
-    data["evaluation"] = (f"TensorRT engine {folder}" if engine_dir else
-                          f"onnxruntime {provider} provider running the {precision} graph as exported")
     if json_target is not None:
         emit_json(json_target, data)
     out = human_echo(json_target)
     out(report_table(report))
-    out(f"\nprecision {precision}: greedy identical {report.greedy_exact_match}/{report.prompts}, "
+    out(f"\nprecision {report.precision}: greedy identical {report.greedy_exact_match}/{report.prompts}, "
         f"top-1 agreement {report.top1_agreement:.4f}, max |logit diff| {report.max_abs_logit_diff:.3e}, "
         f"min cosine {report.min_cosine:.6f}, perplexity torch {report.perplexity_torch:.4f} "
         f"onnx {report.perplexity_onnx:.4f}")
@@ -354,8 +339,9 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
               optimum_python: str | None) -> None:
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
-    plan = plan_jobs(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), wanted, provider,
-                     optimum_python, list(gguf_files))
+    sources = BenchSources(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), list(gguf_files),
+                           provider, optimum_python)
+    plan = plan_jobs(sources, wanted)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     if plan.context is not None and max(prompt_lengths) + new_tokens > plan.context:
         raise OptionError(f"a {max(prompt_lengths)}-token prompt + {new_tokens} new tokens exceeds the model's "
@@ -398,11 +384,11 @@ def triton_repo_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | 
                     queue_delay_us: int, instances: int, provider: str, threads: int | None, output: Path,
                     force: bool) -> None:
     """Write a Triton Inference Server model repository that serves an export (or engine) with our loop."""
-    folder, runtime = chosen_folder(onnx_dir, engine_dir)
+    folder = chosen_folder(onnx_dir, engine_dir)
     options = ServingOptions(max_batch_size, queue_delay_us, instances, provider, threads)
-    model = write_repository(folder, runtime, output, name, options, force=force)
+    model = write_repository(folder, output, name, options, force=force)
     click.echo(f"wrote {model} (config.pbtxt, {model.name}/1/model.py, the folder at 1/model/)" "\n"
-               f"run it: tritonserver --model-repository {output}   (or: aira-opt serve --{runtime} {folder})")
+               f"run it: tritonserver --model-repository {output}   (or: aira-opt serve --{folder.kind} {folder.path})")
 
 
 @main.command("serve")
@@ -410,18 +396,21 @@ def triton_repo_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | 
 @click.option("--http-port", type=click.IntRange(1, 65535), default=Ports.http, show_default=True)
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=Ports.grpc, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=Ports.metrics, show_default=True)
+@click.option("--host", default=LOCAL_HOST, show_default=True,
+              help="The address to listen on (HTTP, gRPC, metrics): this machine only by default; 0.0.0.0 opens it "
+                   "to the network.")
 @click.option("--tritonserver", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A tritonserver binary [default: nvidia-pytriton's, else the one on PATH].")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Keep the server's log here [default: a temporary file, removed at exit].")
 def serve_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | None, max_batch_size: int,
               queue_delay_us: int, instances: int, provider: str, threads: int | None, http_port: int,
-              grpc_port: int, metrics_port: int, tritonserver: Path | None, log_path: Path | None) -> None:
+              grpc_port: int, metrics_port: int, host: str, tritonserver: Path | None, log_path: Path | None) -> None:
     """Serve an export on Triton Inference Server (HTTP, gRPC, metrics) until Ctrl-C or SIGTERM."""
-    folder, runtime = chosen_folder(onnx_dir, engine_dir)
+    folder = chosen_folder(onnx_dir, engine_dir)
     options = ServingOptions(max_batch_size, queue_delay_us, instances, provider, threads)
-    serve_folder(folder, runtime, name, options, Ports(http_port, grpc_port, metrics_port),
-                 lambda line: click.echo(line, err=False), tritonserver, log_path)
+    serve_folder(folder, name, options, Ports(http_port, grpc_port, metrics_port),
+                 lambda line: click.echo(line, err=False), tritonserver, log_path, host=host)
 
 
 # inspect -----------------------------------------------------------------------------------------------

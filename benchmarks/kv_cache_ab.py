@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aira_opt.generation.loop import GenerateOptions, generate
+from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.generation.sampling import GREEDY
 

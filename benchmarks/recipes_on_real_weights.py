@@ -20,7 +20,7 @@ from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 from aira_opt.check.parity import load_questions, run_check
 from aira_opt.export.onnx_files import save_model
 from aira_opt.export.support import model_format, write_support_files
-from aira_opt.generation.loop import GenerateOptions, generate
+from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.recipe import WeightOnlySettings
 from aira_opt.precision.validate import validate_against_torch

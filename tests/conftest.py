@@ -28,7 +28,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny, tmp_path_factory) -> Path:
-    from aira_opt.precision.pipeline import export_model
+    from helpers import export_model
 
     out = tmp_path_factory.mktemp("exports") / "aira-tiny" / "fp32"
     export_model(tiny, "fp32", out, quiet=True)
@@ -38,7 +38,7 @@ def tiny_export(tiny, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fused(tiny, tiny_export, tmp_path_factory) -> Path:
     """aira-tiny fp32 with attention fused to ONNX Runtime's CPU ops (export --fuse), from tiny_export's graph."""
-    from aira_opt.precision.pipeline import export_model
+    from helpers import export_model
 
     out = tmp_path_factory.mktemp("fused") / "aira-tiny" / "fp32-fused"
     export_model(tiny, "fp32", out, quiet=True, fused=True, reuse_fp32=tiny_export)
@@ -61,7 +61,7 @@ class LazyVariants:
         self.tiny, self.root, self.fp32, self.made = tiny, root, fp32, {}
 
     def __getitem__(self, precision: str) -> Path:
-        from aira_opt.precision.pipeline import export_model
+        from helpers import export_model
 
         if precision not in self.made:
             export_model(self.tiny, precision, self.root / precision, quiet=True, reuse_fp32=self.fp32,

@@ -7,12 +7,31 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from aira_opt.generation.loop import GenerateOptions
+from aira_opt.generation.generator import GenerateOptions
 from aira_opt.generation.sampling import GREEDY as GREEDY_SAMPLING
-from aira_opt.generation.sampling import HF_GREEDY
+from aira_opt.runtime.pytorch import HF_GREEDY
 from aira_opt.spec.corpus import training_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def export_model(loaded, precision: str, output: Path, quiet: bool = True, **options) -> dict:
+    """A planned export of a model already in memory (the tests' loaded fixtures); returns its manifest as written.
+    options: plan_export's (fuse, block_size, atol, kernels, reuse_fp32, exporter, force); quiet=False prints
+    the progress as the CLI does."""
+    from aira_opt.core.artifacts import read_manifest
+    from aira_opt.core.progress import print_progress
+    from aira_opt.pipeline.export_plan import plan_export
+    from aira_opt.pipeline.export_run import run_export
+
+    options.setdefault("reuse_fp32", False)
+    if "fused" in options:
+        options["fuse"] = options.pop("fused")
+    if "exporter_name" in options:
+        options["exporter"] = options.pop("exporter_name")
+    plan = plan_export(loaded.source, precision, output, num_layers=loaded.extra.get("num_layers_override"), **options)
+    folder = run_export(plan, on_progress=None if quiet else print_progress, loaded=loaded)
+    return read_manifest(folder.path)
 
 GREEDY = GenerateOptions(max_new_tokens=32, sampling=GREEDY_SAMPLING)
 # Eight trained questions and eight unseen ones: on unseen text the model is uncertain, a harder parity case.

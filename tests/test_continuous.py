@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from aira_opt.generation.continuous import ContinuousBatch, Sequence_
-from aira_opt.generation.loop import GenerateOptions, generate
+from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.generation.sampling import GREEDY, SamplingSettings
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.spec.prompts import prompt_ids

@@ -15,17 +15,17 @@ from hypothesis import strategies as st
 from aira_opt.cli import main
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.generation.chat import settings_from_folder
-from aira_opt.generation.loop import generate, left_pad
+from aira_opt.generation.generator import generate, left_pad
 from aira_opt.generation.sampling import (
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
 )
-from aira_opt.runtime.decoder import CacheCapacityError, KVCache
+from aira_opt.runtime.runner import CacheCapacityError, KVCache
 from aira_opt.spec.models import PRESETS, bundled_model_dir, known_specs
 from aira_opt.spec.prompts import DEFAULT_CHECK_PROMPTS, prompt_ids
-from aira_opt.tensorrt.plan import BuildOptions
+from aira_opt.tensorrt.build_plan import BuildOptions
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import aira_opt.tensorrt.engines as engines
 from aira_opt.cli import main
 from aira_opt.core.contract import DecoderContract
-from aira_opt.tensorrt.plan import (
+from aira_opt.tensorrt.build_plan import (
     BuildOptions,
     derive_profiles,
     hardware_compatibility,
@@ -248,7 +248,7 @@ def test_preflight_catches_an_fp32_weight_in_an_fp16_graph(tiny, tiny_variants):
     import numpy as np
     from onnx import numpy_helper
 
-    from aira_opt.tensorrt.plan import fp16_consistency
+    from aira_opt.tensorrt.build_plan import fp16_consistency
     from aira_opt.precision.graph import fp32_islands
 
     fp16 = onnx.load(str(tiny_variants["fp16"] / "model.onnx"))

@@ -103,22 +103,23 @@ def test_force_replaces_an_existing_output(tmp_path):
 
 
 def test_interrupted_export_leaves_nothing_half_written(monkeypatch, tmp_path):
-    import aira_opt.precision.pipeline as pipeline
+    import aira_opt.pipeline.export_run as export_run
+    from helpers import export_model
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "validate_against_torch", interrupted)
+    monkeypatch.setattr(export_run, "validate_export", interrupted)
     from aira_opt.spec.models import load_model
 
     with pytest.raises(KeyboardInterrupt):
-        pipeline.export_model(load_model("aira-tiny"), "fp32", tmp_path / "out", quiet=True)
+        export_model(load_model("aira-tiny"), "fp32", tmp_path / "out", quiet=True)
     assert os.listdir(tmp_path) == []
 
 
 def test_failed_validation_raises_one_error_listing_every_mismatch(tiny, tmp_path):
     from aira_opt.core.errors import ValidationError
-    from aira_opt.precision.pipeline import export_model
+    from helpers import export_model
 
     with pytest.raises(ValidationError) as info:
         export_model(tiny, "fp32", tmp_path / "out", atol=1e-12, quiet=True)

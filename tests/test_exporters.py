@@ -38,7 +38,7 @@ class ExporterVariants:
         self.tiny, self.exporter, self.root, self.made = tiny, exporter, root, {}
 
     def __getitem__(self, name: str) -> Path:
-        from aira_opt.precision.pipeline import export_model
+        from helpers import export_model
 
         if name not in self.made:
             precision, fused = ("fp32", True) if name == "fp32-fused" else (name, None)
@@ -94,7 +94,7 @@ def test_int4_quantizes_every_projection_of_the_fused_graph(tiny, exported):
 
 
 def test_fp16_lifts_every_softmax_and_passes_the_tensorrt_preflight(tiny, exported):
-    from aira_opt.tensorrt.plan import BuildOptions, make_plan
+    from aira_opt.tensorrt.build_plan import BuildOptions, make_plan
 
     layers = tiny.config.num_hidden_layers
     assert manifest(exported["fp16"])["quantization"]["softmax_wrapped_in_fp32"] == layers
@@ -116,7 +116,7 @@ def test_int8_qdq_smooths_and_quantizes_the_same_matmuls(tiny, exported):
 @pytest.mark.skipif(any(unavailable(n) for n in EXPORTERS), reason="needs every exporter in one environment "
                     "(the optimum extra, in CI's second environment)")
 def test_both_exporters_compute_the_same_logits(tiny, tmp_path):
-    from aira_opt.precision.pipeline import export_model
+    from helpers import export_model
 
     contract = DecoderContract.from_config(tiny.config)
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from aira_opt.cli import main
 from aira_opt.core.contract import DecoderContract
 from aira_opt.precision.fusing import FusionError, fuse_attention
-from aira_opt.generation.loop import generate
+from aira_opt.generation.generator import generate
 from aira_opt.precision.variants import variant_name
 from aira_opt.spec.prompts import prompt_ids
 from aira_opt.core.contract import position_ids_from_mask
@@ -117,7 +117,7 @@ def test_no_fuse_keeps_int4_standard_attention_and_fuse_is_refused_for_tensorrt_
 
 
 def test_a_fused_graph_cannot_go_to_tensorrt(tiny, tiny_fused):
-    from aira_opt.tensorrt.plan import BuildOptions, derive_profiles, make_plan, preflight
+    from aira_opt.tensorrt.build_plan import BuildOptions, derive_profiles, make_plan, preflight
     from aira_opt.core.errors import AiraOptError
 
     with pytest.raises(AiraOptError, match="without --fuse"):
@@ -178,7 +178,7 @@ def test_fusion_follows_other_llama_shapes_and_rope_scalings(tiny, tmp_path, sha
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aira_opt.precision.pipeline import export_model
+    from helpers import export_model
     from aira_opt.spec.models import load_model
 
     extra = {

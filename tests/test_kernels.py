@@ -15,7 +15,7 @@ from aira_opt.cli import main
 from aira_opt.core import cpu
 from aira_opt.precision import kernels
 from aira_opt.precision.kernels import candidates, choose_kernels, layer_shapes, probe_key
-from aira_opt.precision.pipeline import export_model
+from helpers import export_model
 from aira_opt.precision.variants import VARIANTS
 
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.generation.loop import GenerateOptions, generate
+from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.spec.prompts import prompt_ids
 from aira_opt.generation.sampling import GREEDY as GREEDY_SAMPLING
 

@@ -129,7 +129,7 @@ def test_check_thresholds_per_precision_are_the_documented_ones():
 
 
 def test_fp16_left_padded_batch_stays_finite_and_matches_one_by_one(tiny, tiny_variants):
-    from aira_opt.generation.loop import GenerateOptions, generate
+    from aira_opt.generation.generator import GenerateOptions, generate
     from aira_opt.spec.prompts import prompt_ids
     from aira_opt.generation.sampling import GREEDY
 

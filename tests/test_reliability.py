@@ -157,7 +157,7 @@ def test_stale_partials_of_dead_processes_go_and_live_ones_stay(tmp_path):
 
 
 def test_the_next_export_removes_a_stale_partial(tiny, tmp_path):
-    from aira_opt.precision.pipeline import export_model
+    from helpers import export_model
 
     stale = tmp_path / ".fp32.partial-killed"
     stale.mkdir()

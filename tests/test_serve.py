@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from aira_opt.cli import main
 from aira_opt.generation.chat import Chat, settings_from_folder
-from aira_opt.generation.loop import GenerateOptions
+from aira_opt.generation.generator import GenerateOptions
 from aira_opt.generation.sampling import GREEDY, SamplingSettings
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.serve.engine import BatchEngine, Final

@@ -1,6 +1,7 @@
 """`check`: parity of an ONNX export (through our loop) with the PyTorch fp32 baseline.
 
-Two runners produce comparable data, the comparator judges it, thresholds come from the export's precision:
+Two runners of one family (PyTorch's and the export's, runtime.runner.Decoder) produce comparable data, the one
+comparator (runtime.compare) measures it, and the thresholds come from the export's variant record:
 - greedy sequences, per prompt (our loop vs transformers' generate), exact match;
 - logits under teacher forcing: the ONNX model is fed PyTorch's greedy tokens one decode step at a time
   (exercising the KV cache), and its logits at the prefill and every step are compared with PyTorch's;
@@ -17,16 +18,20 @@ from typing import Any
 import numpy as np
 
 from aira_opt.core.contract import position_ids_from_mask
-from aira_opt.core.errors import AiraOptError
-from aira_opt.core.numerics import logit_agreement, perplexity
+from aira_opt.core.errors import AiraOptError, OptionError
+from aira_opt.folders import EngineFolder, ExportFolder
+from aira_opt.core.numerics import perplexity
 from aira_opt.core.progress import bar
 from aira_opt.core.tables import text_table
-from aira_opt.generation.loop import GenerateOptions, generate
-from aira_opt.generation.sampling import GREEDY, HF_GREEDY
+from aira_opt.generation.generator import GenerateOptions, generate
+from aira_opt.generation.sampling import GREEDY
 from aira_opt.precision.variants import VARIANTS, Thresholds
-from aira_opt.runtime.decoder import Decoder
+from aira_opt.runtime.compare import Comparison
+from aira_opt.runtime.pytorch import BASELINES, TorchDecoder
+from aira_opt.runners import open_runner
+from aira_opt.runtime.runner import Decoder
 from aira_opt.spec.corpus import CHAT_QUESTIONS, heldout_english, heldout_pairs
-from aira_opt.spec.models import LoadedModel
+from aira_opt.spec.models import LoadedModel, load_model
 from aira_opt.spec.prompts import (
     DEFAULT_CHECK_PROMPTS,
     PromptFormat,
@@ -35,6 +40,8 @@ from aira_opt.spec.prompts import (
     prompt_ids,
     text_ids,
 )
+
+__all__ = ["BASELINES", "CheckReport", "check_folder", "run_check", "report_table", "load_questions"]
 
 
 @dataclass
@@ -65,76 +72,40 @@ class CheckReport:
     thresholds: dict[str, Any]
     failures: list[str]
     per_prompt: list[PromptResult] = field(default_factory=list)
+    evaluation: str = ""  # what ran the export, in words
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# Runners ---------------------------------------------------------------------------------------------
-BASELINES = ("cpu-fp32", "cuda-fp16")  # PyTorch fp32 on the CPU, or fp16 on the GPU (what GPU users run)
+# What `check` asks of any decoder runner --------------------------------------------------------------------
+def sequence_logits(decoder: Decoder, ids: list[int]) -> np.ndarray:
+    """All positions of one sequence in one prefill: ids [T] -> [T, V]."""
+    x = np.array([ids], dtype=np.int64)
+    mask = np.ones_like(x)
+    out, _ = decoder.step(x, mask, position_ids_from_mask(mask, x.shape[1]), decoder.empty_cache(1), all_logits=True)
+    return out.logits[0]
 
 
-class TorchReference:
-    """The PyTorch baseline: transformers' own greedy generate and full-sequence logits.
-
-    cpu-fp32 is the reference for every precision; cuda-fp16 is what a GPU user runs (compare fp16 exports
-    against it on a GPU)."""
-
-    def __init__(self, loaded: LoadedModel, fmt: PromptFormat, baseline: str = "cpu-fp32"):
-        self.model, self.format = loaded.model, fmt
-        self.device = "cuda" if baseline == "cuda-fp16" else "cpu"
-        if baseline == "cuda-fp16":
-            self.model = self.model.half().to("cuda")
-
-    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        import torch
-
-        x = torch.tensor([ids], device=self.device)
-        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                  eos_token_id=list(self.format.stop_ids), pad_token_id=self.format.pad_id,
-                                  **HF_GREEDY)
-        return out[0, len(ids):].tolist()
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """ids: [T] -> logits [T, V] (fp32)."""
-        import torch
-
-        with torch.no_grad():
-            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
+def teacher_forced_logits(decoder: Decoder, prompt: list[int], forced: list[int]) -> np.ndarray:
+    """Logits predicting forced[0..n-1]: the prefill's last position, then one decode step per forced token
+    except the last, through the runner's KV cache. prompt: [P]; forced: [n] -> [n, V]."""
+    ids = np.array([prompt], dtype=np.int64)
+    mask = np.ones_like(ids)
+    out, cache = decoder.step(ids, mask, position_ids_from_mask(mask, ids.shape[1]), decoder.empty_cache(1))
+    rows = [out.logits[0]]
+    for token in forced[:-1]:
+        mask = np.concatenate([mask, [[1]]], axis=1)
+        out, cache = decoder.step(np.array([[token]], dtype=np.int64), mask, position_ids_from_mask(mask, 1), cache)
+        rows.append(out.logits[0])
+    return np.stack(rows)
 
 
-class OnnxCandidate:
-    """Our loop over the export: greedy generation and teacher-forced stepwise logits."""
-
-    def __init__(self, decoder: Decoder, fmt: PromptFormat):
-        self.decoder, self.format = decoder, fmt
-
-    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        result = generate(self.decoder, [ids], GenerateOptions(max_new_tokens=max_new_tokens, sampling=GREEDY),
-                          self.format.stop_ids, self.format.pad_id)
-        return result.tokens[0]
-
-    def teacher_forced_logits(self, prompt: list[int], forced: list[int]) -> np.ndarray:
-        """Logits predicting forced[0..n-1]: the prefill's last position, then one decode step per forced
-        token except the last. prompt: [P]; forced: [n] -> [n, V]."""
-        d = self.decoder
-        ids = np.array([prompt], dtype=np.int64)
-        mask = np.ones_like(ids)
-        out, cache = d.step(ids, mask, position_ids_from_mask(mask, ids.shape[1]), d.empty_cache(1))
-        rows = [out.logits[0]]
-        for token in forced[:-1]:
-            mask = np.concatenate([mask, [[1]]], axis=1)
-            out, cache = d.step(np.array([[token]], dtype=np.int64), mask, position_ids_from_mask(mask, 1), cache)
-            rows.append(out.logits[0])
-        return np.stack(rows)
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """All positions in one prefill: ids [T] -> [T, V]."""
-        d = self.decoder
-        x = np.array([ids], dtype=np.int64)
-        mask = np.ones_like(x)
-        out, _ = d.step(x, mask, position_ids_from_mask(mask, x.shape[1]), d.empty_cache(1), all_logits=True)
-        return out.logits[0]
+def greedy_tokens(decoder: Decoder, ids: list[int], max_new_tokens: int, fmt: PromptFormat) -> list[int]:
+    """Our generator's greedy answer to one prompt."""
+    result = generate(decoder, [ids], GenerateOptions(max_new_tokens=max_new_tokens, sampling=GREEDY),
+                      fmt.stop_ids, fmt.pad_id)
+    return result.tokens[0]
 
 
 # Comparator ------------------------------------------------------------------------------------------
@@ -173,38 +144,34 @@ def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: 
         raise AiraOptError(f"no parity thresholds for precision '{precision}'; known: {', '.join(VARIANTS)}")
     limits = VARIANTS[precision].thresholds
     tok = loaded.tokenizer
-    reference = TorchReference(loaded, fmt, baseline)
-    candidate = OnnxCandidate(decoder, fmt)
+    reference = TorchDecoder(loaded, baseline).activate()
+    comparison = Comparison()  # check judges the whole report by the variant's thresholds (judge), not per case
     per_prompt: list[PromptResult] = []
-    ref_rows, cand_rows = [], []
     for question in bar(questions, "check prompts", quiet=quiet):
         ids = prompt_ids(tok, question, fmt)
-        ref_tokens = reference.greedy(ids, max_new_tokens)
-        onnx_tokens = candidate.greedy(ids, max_new_tokens)
-        ref_logits = reference.logits(ids + ref_tokens)[len(ids) - 1: len(ids) - 1 + len(ref_tokens)]
-        cand_logits = candidate.teacher_forced_logits(ids, ref_tokens)
-        stats = logit_agreement(ref_logits, cand_logits)
-        ref_rows.append(ref_logits)
-        cand_rows.append(cand_logits)
+        ref_tokens = reference.greedy(ids, max_new_tokens, list(fmt.stop_ids), fmt.pad_id)
+        onnx_tokens = greedy_tokens(decoder, ids, max_new_tokens, fmt)
+        ref_logits = sequence_logits(reference, ids + ref_tokens)[len(ids) - 1: len(ids) - 1 + len(ref_tokens)]
+        cand_logits = teacher_forced_logits(decoder, ids, ref_tokens)
+        stats = comparison.add(question, ref_logits, cand_logits)
         per_prompt.append(PromptResult(
             prompt=question, greedy_match=ref_tokens == onnx_tokens, torch_answer=decode_answer(tok, ref_tokens),
             onnx_answer=decode_answer(tok, onnx_tokens), steps=len(ref_tokens),
             top1_agreement=stats["top1_agreement"], max_abs_logit_diff=stats["max_abs_logit_diff"],
             min_cosine=stats["min_cosine"],
         ))
-    overall = logit_agreement(np.concatenate(ref_rows), np.concatenate(cand_rows))
 
     nll_t = nll_o = 0.0
     count = 0
     for ids in heldout_texts(tok, fmt):
-        a, n = perplexity(reference.logits(ids), ids)
-        b, _ = perplexity(candidate.logits(ids), ids)
+        a, n = perplexity(sequence_logits(reference, ids), ids)
+        b, _ = perplexity(sequence_logits(decoder, ids), ids)
         nll_t, nll_o, count = nll_t + a, nll_o + b, count + n
 
     report = CheckReport(
         passed=False, precision=precision, provider=decoder.provider, baseline=baseline, prompts=len(questions),
-        greedy_exact_match=sum(p.greedy_match for p in per_prompt), top1_agreement=overall["top1_agreement"],
-        max_abs_logit_diff=overall["max_abs_logit_diff"], min_cosine=overall["min_cosine"],
+        greedy_exact_match=sum(p.greedy_match for p in per_prompt), top1_agreement=comparison.top1_agreement,
+        max_abs_logit_diff=comparison.max_abs_logit_diff, min_cosine=comparison.min_cosine,
         perplexity_torch=float(np.exp(nll_t / count)), perplexity_onnx=float(np.exp(nll_o / count)),
         thresholds=asdict(limits), failures=[], per_prompt=per_prompt,
     )
@@ -232,3 +199,30 @@ def load_questions(path: Path | None, fmt: PromptFormat) -> list[str]:
     if not questions:
         raise AiraOptError(f"'{path}' has no prompts (one question per line)")
     return questions
+
+
+def check_folder(folder: ExportFolder | EngineFolder, model_spec: str | None = None,
+                 questions: list[str] | Path | None = None, max_new_tokens: int = 32, provider: str = "cpu",
+                 threads: int | None = None, baseline: str = "cpu-fp32", quiet: bool = False) -> CheckReport:
+    """`check` on a folder: its runner against the PyTorch model it was made from (its manifest names it; or
+    `model_spec`), on `questions` (a list, a file of one per line, or the defaults for its prompt format)."""
+    if baseline not in BASELINES:
+        raise OptionError(f"baseline must be one of {', '.join(BASELINES)}")
+    manifest = folder.manifest
+    spec = model_spec or manifest.source_spec
+    if not spec:
+        raise OptionError("the manifest names no source model; pass --model")
+    if baseline == "cuda-fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AiraOptError("--baseline cuda-fp16 needs a CUDA GPU visible to PyTorch")
+    loaded = load_model(spec, manifest.num_layers_override if model_spec is None else None)
+    fmt = folder.prompt_format  # the format the export recorded
+    asked = questions if isinstance(questions, list) else load_questions(questions, fmt)
+    with open_runner(folder, provider, threads) as decoder:
+        report = run_check(loaded, decoder, manifest.precision, asked, max_new_tokens, fmt, quiet=quiet,
+                           baseline=baseline)
+    report.evaluation = (f"TensorRT engine {folder.path}" if isinstance(folder, EngineFolder) else
+                         f"onnxruntime {provider} provider running the {manifest.precision} graph as exported")
+    return report

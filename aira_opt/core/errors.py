@@ -1,12 +1,20 @@
-"""Domain errors. Each subclasses Click's so the CLI prints one line and exits non-zero, never a traceback."""
+"""Domain errors: what a user (of the CLI or the Python API) did wrong or must fix, in one line. They do not know
+about the command line: the CLI turns each into its one-line `Error: ...` and exit code (cli.AiraGroup)."""
 
 from __future__ import annotations
 
-import click
 
-
-class AiraOptError(click.ClickException):
+class AiraOptError(Exception):
     """Base class: a user-facing failure with a one-line message."""
+
+    exit_code = 1  # what the CLI exits with
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class OptionError(AiraOptError):

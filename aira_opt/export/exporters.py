@@ -1,6 +1,6 @@
 """The exporters that turn a loaded PyTorch model into our contract's ONNX graph, one record each, and the
 tidying every exported graph gets. Precision recipes, validation and the manifest belong to
-aira_opt.precision.pipeline.
+aira_opt.pipeline (export_plan, export_run).
 
 `torch` (our torch.onnx dynamo exporter) is the default and works with transformers 4.57 and 5.x; `optimum`
 (optimum-onnx's TorchScript exporter) needs the `optimum` extra. Both write the same names and dims.

@@ -76,14 +76,15 @@ def write_metadata(model_path: Path, props: dict[str, str]) -> None:
     onnx.save_model(model, str(model_path))
 
 
-def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
+def genai_config(loaded: LoadedModel, cuda: bool) -> dict[str, Any]:
     """onnxruntime-genai's configuration for our graph: our I/O names, position_ids as an input, a cache that
-    grows by concatenation (so no shared past/present buffer), stop ids and search defaults of the source model."""
+    grows by concatenation (so no shared past/present buffer), stop ids and search defaults of the source model.
+    cuda: the graph was made for a GPU (the variant record says so), so genai runs it on its CUDA provider."""
     cfg = loaded.config
     contract = DecoderContract.from_config(cfg)
     fmt = model_format(loaded)
     defaults = generation_defaults(loaded, fmt)
-    provider_options = [{"cuda": {}}] if precision == "fp16" else []
+    provider_options = [{"cuda": {}}] if cuda else []
     return {
         "model": {
             "bos_token_id": loaded.tokenizer.bos_token_id,
@@ -127,7 +128,7 @@ def genai_config(loaded: LoadedModel, precision: str) -> dict[str, Any]:
     }
 
 
-def make_portable(loaded: LoadedModel, folder: Path, precision: str) -> None:
+def make_portable(loaded: LoadedModel, folder: Path, precision: str, cuda: bool) -> None:
     """Metadata into model.onnx and genai_config.json next to it (called before the manifest is written)."""
     write_metadata(Path(folder) / "model.onnx", metadata(loaded, precision))
-    (Path(folder) / "genai_config.json").write_text(json.dumps(genai_config(loaded, precision), indent=2) + "\n")
+    (Path(folder) / "genai_config.json").write_text(json.dumps(genai_config(loaded, cuda), indent=2) + "\n")

@@ -43,8 +43,6 @@ class SamplingSettings:
 
 
 GREEDY = SamplingSettings(do_sample=False)  # argmax of the raw logits: what parity checks and bench compare
-# The same for transformers' generate, whose model generation_config would otherwise add its own processors.
-HF_GREEDY = {"do_sample": False, "repetition_penalty": 1.0, "temperature": None, "top_k": None, "top_p": None}
 
 
 def apply_repetition_penalty(scores: np.ndarray, history: np.ndarray, penalty: float) -> np.ndarray:

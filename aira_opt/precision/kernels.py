@@ -50,20 +50,25 @@ class KernelCandidate:
         return self.name + (f" {self.weight_only}" if self.weight_only else "")
 
 
-def candidates(precision: str, settings: WeightOnlySettings, block_size_given: bool) -> list[KernelCandidate]:
-    """The default first. Block size is never a candidate: it changes the quantization grid, so it stays the
-    user's explicit accuracy-for-speed choice (--block-size); with one given, dynamic int8 (no blocks) is out."""
+def candidates(names: tuple[str, ...], settings: WeightOnlySettings, block_size_given: bool) -> list[KernelCandidate]:
+    """The candidates a variant names (Variant.kernel_candidates), its default first. Block size is never a
+    candidate: it changes the quantization grid, so it stays the user's explicit accuracy-for-speed choice
+    (--block-size); with one given, dynamic int8 (no blocks) is out."""
     level = settings.accuracy_level
-    nbits = KernelCandidate("matmulnbits", f"MatMulNBits {settings.bits}-bit, block {settings.block_size}, "
-                            f"accuracy level {level}", settings, True)
-    options = [nbits]
-    if level != 1:
-        options.append(KernelCandidate("matmulnbits-fp32", f"MatMulNBits {settings.bits}-bit, block "
-                                       f"{settings.block_size}, accuracy level 1 (fp32 compute)",
-                                       replace(settings, accuracy_level=1), True))
-    if precision == "int8" and not block_size_given:
-        options.append(KernelCandidate("dynamic", "dynamic int8: MatMulInteger, int8 weights per channel, uint8 "
-                                       "activations per tensor", None, False))
+    made = {
+        "matmulnbits": KernelCandidate("matmulnbits", f"MatMulNBits {settings.bits}-bit, block {settings.block_size}, "
+                                       f"accuracy level {level}", settings, True),
+        "matmulnbits-fp32": KernelCandidate("matmulnbits-fp32", f"MatMulNBits {settings.bits}-bit, block "
+                                            f"{settings.block_size}, accuracy level 1 (fp32 compute)",
+                                            replace(settings, accuracy_level=1), True),
+        "dynamic": KernelCandidate("dynamic", "dynamic int8: MatMulInteger, int8 weights per channel, uint8 "
+                                   "activations per tensor", None, False),
+    }
+    options = [made[name] for name in names]
+    if level == 1:
+        options = [c for c in options if c.name != "matmulnbits-fp32"]  # the default already computes in fp32
+    if block_size_given:
+        options = [c for c in options if c.weight_only is not None]
     return options
 
 
@@ -185,11 +190,16 @@ def _write_cache(entries: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         merged = {**_read_cache(), **entries}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernel-timings-")
+    except OSError:
+        return  # a read-only cache only costs a re-probe next time
+    try:
         with os.fdopen(fd, "w") as handle:
             json.dump(merged, handle, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only cache only costs a re-probe next time
+        pass  # a full disk only costs a re-probe next time
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone after the rename; left behind only by a failed write
 
 
 def probe_key(shapes: list[tuple[int, int]], candidate: KernelCandidate, threads: int | None) -> str:
@@ -211,7 +221,7 @@ class KernelChoice:
 
 
 def choose_kernels(options: list[KernelCandidate], config: Any, threads: int | None = None,
-                   mode: str = "auto", quiet: bool = False) -> KernelChoice:
+                   mode: str = "auto", quiet: bool = False) -> KernelChoice:  # quiet: no progress bar
     """mode 'auto': time every candidate (or read the cache) and order them fastest first; 'default': the
     variant's default only, untimed; a candidate's name: that one only."""
     if mode != "auto":
@@ -236,9 +246,9 @@ def choose_kernels(options: list[KernelCandidate], config: Any, threads: int | N
         "measured_ms_per_layer": measured, "from_cache": not todo, "cache": str(timings_cache())})
 
 
-def kernel_summary(manifest: dict[str, Any]) -> str:
-    """One line for a bench row: the kernels an export runs and whether they were timed here or requested."""
-    kernels = manifest.get("kernels")
+def kernel_summary(kernels: dict[str, Any] | None) -> str:
+    """One line for a bench row from a manifest's `kernels` entry: the kernels an export runs and whether they
+    were timed here or requested."""
     if not isinstance(kernels, dict):
         return ""
     how = "autotuned" if kernels.get("tuned") else f"--kernels {kernels.get('requested', 'default')}"

@@ -62,7 +62,18 @@ class Variant:
     fused_by_default: bool = False
     tensorrt: bool = False  # `build` takes it
     enforce_on_random_weights: bool = False  # random weights give near-flat logits: cosine bars say little
-    kernel_tuning: bool = False  # its CPU kernels are chosen by timing them at export (kernels.py)
+    kernel_candidates: tuple[str, ...] = ()  # kernels.py times these at export and keeps the fastest; () none
+    dtype: str = "float32"  # activations and KV cache of the graph (numpy's name)
+    cuda: bool = False  # made for a GPU: onnxruntime-genai's config asks for its CUDA provider
+
+    @property
+    def kernel_tuning(self) -> bool:
+        return bool(self.kernel_candidates)
+
+    @property
+    def is_source_graph(self) -> bool:
+        """The exporter's fp32 graph as it is: what every other variant's recipe starts from."""
+        return self.recipe is as_exported
 
     def fused(self, requested: bool | None) -> bool:
         """Whether an export is fused (None: this variant's default); fusing a TensorRT variant is refused."""
@@ -107,7 +118,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             Tolerance(atol=1e-3),
             Thresholds(min_greedy_fraction=1.0, min_top1=1.0, max_abs_logit_diff=1e-3),
             fusable=True, tensorrt=True, enforce_on_random_weights=True),
-    Variant("fp16", TENSORRT_OR_CUDA, fp16_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS, tensorrt=True),
+    Variant("fp16", TENSORRT_OR_CUDA, fp16_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS, tensorrt=True,
+            dtype="float16", cuda=True),
     # Random-token probes leave the calibrated activation ranges (clipped): a looser sanity bar.
     Variant("int8-qdq", "TensorRT 11 explicit quantization; standard ops", qdq_recipe, Tolerance(min_cosine=0.95),
             INT8_THRESHOLDS, tensorrt=True),
@@ -115,16 +127,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # (kernels.py); both are measured in benchmarks/README.md.
     Variant("int8", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.98), INT8_THRESHOLDS,
             weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=False, accuracy_level=4),
-            fusable=True, fused_by_default=True, kernel_tuning=True),
+            fusable=True, fused_by_default=True, kernel_candidates=("matmulnbits", "matmulnbits-fp32", "dynamic")),
     # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound. Weights
     # already on a 4-bit grid (a GGUF source) keep it exactly (source_grid.py).
     Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95), INT4_THRESHOLDS,
-            weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True, kernel_tuning=True),
+            weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True,
+            kernel_candidates=("matmulnbits", "matmulnbits-fp32")),
     # The fused fp16 graph for ONNX Runtime CUDA (GroupQueryAttention is fp16 there) and its int4 (cuda.py).
     Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS,
-            fusable=True, fused_by_default=True),
+            fusable=True, fused_by_default=True, dtype="float16", cuda=True),
     Variant("int4-cuda", ORT_CUDA + "; MatMulNBits with fp16 activations", int4_cuda_recipe,
-            Tolerance(min_cosine=0.95), INT4_THRESHOLDS, weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True),
+            Tolerance(min_cosine=0.95), INT4_THRESHOLDS, weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True,
+            dtype="float16", cuda=True),
     # optimum's dynamic int8 (benchmarks/optimum_int8.py makes it): checked and benched, not exported by us.
     Variant("int8-dynamic", "ONNX Runtime CPU (MatMulInteger, optimum's recipe)", None, Tolerance(min_cosine=0.98),
             INT8_THRESHOLDS),
@@ -155,3 +169,15 @@ def variant_name(precision: str, block_size: int | None = None, fused: bool | No
     """Variant.folder_name for a precision by name (a name without a record passes through unchanged)."""
     record = VARIANTS.get(precision)
     return record.folder_name(block_size, fused) if record else precision
+
+
+def source_variant() -> Variant:
+    """The record of the exporter's own graph (fp32), which the other recipes start from."""
+    return next(v for v in VARIANTS.values() if v.is_source_graph)
+
+
+def variant_named_in(text: str) -> Variant | None:
+    """The variant whose name a folder's name mentions (the longest match: 'int4-cuda' before 'int4'), for
+    folders other tools made, which carry no manifest of ours."""
+    text = text.lower()
+    return max((v for v in VARIANTS.values() if v.name in text), key=lambda v: len(v.name), default=None)

@@ -11,7 +11,6 @@ keys in place instead of the standard graph's Concat copying the whole cache eve
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -20,58 +19,34 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from aira_opt.core.artifacts import MANIFEST, graph_is_fused, read_manifest
-from aira_opt.core.contract import ORT_KV_DTYPES, DecoderContract
+from aira_opt.core.contract import ORT_KV_DTYPES
 from aira_opt.core.cpu import has_int8_dot
 from aira_opt.core.errors import ExportFolderError, ProviderUnavailableError
-from aira_opt.runtime.decoder import DecoderLifecycle, KVCache, StepOutput
+from aira_opt.folders import ExportFolder, Manifest
 from aira_opt.runtime.providers import resolve_provider, session_options
+from aira_opt.runtime.runner import KVCache, Runner, StepOutput
 
 
-def onnx_file(folder: Path) -> Path:
-    path = Path(folder) / "model.onnx"
-    if not path.is_file():
-        raise ExportFolderError(f"'{folder}' has no model.onnx; run `aira-opt export` first")
-    return path
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """The export's config.json, or a one-line error saying what is wrong with it."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ExportFolderError(f"'{folder}' has no config.json; run `aira-opt export` first")
-    try:
-        config = json.loads(path.read_text())
-        DecoderContract.from_config_dict(config)
-    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
-        raise ExportFolderError(f"'{path}' is not a usable model config ({type(exc).__name__}: {exc}); "
-                                "export again") from exc
-    return config
-
-
-def folder_manifest(folder: Path) -> dict[str, Any]:
-    """The export's manifest, or {} for a folder without one (made by another tool)."""
-    return read_manifest(folder) if (Path(folder) / MANIFEST).is_file() else {}
-
-
-def saturation_risk(manifest: dict[str, Any]) -> bool:
+def saturation_risk(manifest: Manifest) -> bool:
     """Dynamic int8 with full 8-bit weights (kernels chosen on a VNNI CPU) running where u8 x s8 products are added
     in 16 bits (AVX2 without VNNI): ONNX Runtime's kernels may saturate there."""
-    quantization = manifest.get("quantization") or {}
-    return (isinstance(quantization, dict) and str(quantization.get("method", "")).startswith("dynamic int8")
+    quantization = manifest.quantization
+    return (str(quantization.get("method", "")).startswith("dynamic int8")
             and str(quantization.get("weight_range", "")).startswith("8-bit") and not has_int8_dot())
 
 
-class OrtDecoder(DecoderLifecycle):
+class OrtDecoder(Runner):
     """One ONNX Runtime session over an export folder, with KV cache stepping through IOBinding."""
 
-    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | ExportFolder, provider: str = "cpu", threads: int | None = None):
+        self.export = folder if isinstance(folder, ExportFolder) else ExportFolder(folder)
+        self.folder = self.export.path
         self.provider = provider
-        self.model_path = onnx_file(self.folder)
-        self.config: dict[str, Any] = read_config(self.folder)
-        self.manifest = folder_manifest(self.folder)
-        self.contract = DecoderContract.from_config_dict(self.config)
+        self.model_path = self.export.model_path
+        self.config: dict[str, Any] = self.export.config
+        # None for a folder another tool made: it runs, with what its graph alone tells.
+        self.manifest: Manifest | None = self.export.manifest if self.export.has_manifest else None
+        self.contract = self.export.contract
         self.providers = resolve_provider(provider)
         self.threads = threads
         self.session: ort.InferenceSession | None = None
@@ -79,7 +54,7 @@ class OrtDecoder(DecoderLifecycle):
         self.kv_dtype: Any = None
         # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only
         # (fp32/int8/int4 on the CPU provider, fp16-cuda/int4-cuda on CUDA or the CPU); TensorRT never.
-        self.in_place_cache = provider in ("cpu", "cuda") and graph_is_fused(self.manifest)
+        self.in_place_cache = provider in ("cpu", "cuda") and self.manifest is not None and self.manifest.fused
 
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:
@@ -104,7 +79,7 @@ class OrtDecoder(DecoderLifecycle):
             if missing:
                 raise ExportFolderError(f"'{self.model_path}' lacks inputs {missing}; not an aira-opt decoder export")
             self.kv_dtype = ORT_KV_DTYPES[inputs[self.contract.past_names()[0]].type]
-            if saturation_risk(self.manifest):
+            if self.manifest is not None and saturation_risk(self.manifest):
                 warnings.warn(f"{self.folder} holds 8-bit dynamic int8 weights, chosen on a CPU with an int8 dot "
                               "product; this CPU lacks one, so its int8 kernels may saturate: export again here "
                               "(it picks 7-bit weights) or with --kernels default", RuntimeWarning, stacklevel=2)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from aira_opt.decoders import open_decoder
+from aira_opt.folders import EngineFolder, ExportFolder
+from aira_opt.runners import open_runner
 from aira_opt.serve.engine import BatchEngine, Final, Progress, describe
 from aira_opt.serve.protocol import INPUTS
 
@@ -103,11 +104,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = _parameters(config)
         folder = Path(args["model_repository"]) / args["model_version"] / params.get("folder", "model")
-        on_engine = params.get("runtime") == "engine"
-        _, decoder = open_decoder(None if on_engine else folder, folder if on_engine else None,
-                                  params.get("provider", "cpu"), int(params["threads"]) if params.get("threads") else None)
+        opened = EngineFolder(folder) if params.get("runtime") == "engine" else ExportFolder(folder)
+        decoder = open_runner(opened, params.get("provider", "cpu"),
+                              int(params["threads"]) if params.get("threads") else None)
         rows = int(config.get("max_batch_size") or 0) or 16
-        self.engine = BatchEngine(folder, decoder, TritonStats(pb, config["name"]), max_rows=rows).__enter__()
+        self.engine = BatchEngine(opened, decoder, TritonStats(pb, config["name"]), max_rows=rows).__enter__()
         self.engine.start()
         pb.Logger.log_info(f"aira-opt serving {json.dumps(describe(self.engine))}")
 

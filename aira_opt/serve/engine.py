@@ -1,11 +1,11 @@
 """Concurrent requests through our generation loop, with no Triton in sight: what the Triton model
 (serve/backend.py) feeds, and what tests drive directly.
 
-Requests are batched at every decode step (continuous batching, generation/continuous.py): a request joins the
-running batch at the next step and leaves it when it ends, each row with its own sampling, seed and token budget.
-Bad requests are answered with their error at once and never reach the batch. A row ends at its own eos or
-budget, or when its client has gone, and the rest go on. A runner that cannot move its cache to the host (the
-TensorRT one) gets the same requests batched per arrival instead (generate_rows).
+Requests are batched at every decode step (continuous batching: the generator's compact policy,
+generation/generator.py): a request joins the running batch at the next step and leaves it when it ends, each row
+with its own sampling, seed and token budget. Bad requests are answered with their error at once and never reach
+the batch. A row ends at its own eos or budget, or when its client has gone, and the rest go on. A runner that
+cannot move its cache to the host (the TensorRT one) takes newcomers only once the running batch has ended.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from aira_opt.generation.chat import Chat, TextStream, settings_from_folder
-from aira_opt.generation.continuous import ContinuousBatch, Sequence_, supports_continuous
-from aira_opt.generation.loop import generate_rows
-from aira_opt.runtime.decoder import Decoder
+from aira_opt.folders import EngineFolder, ExportFolder, open_folder
+from aira_opt.generation.defaults import generate_options
+from aira_opt.generation.generator import Generator
+from aira_opt.generation.generator import Row as GeneratorRow
+from aira_opt.generation.streaming import TextStream
+from aira_opt.runtime.runner import Decoder
 from aira_opt.serve.protocol import BadRequest, GenerateRequest, fit_to_context, parse_request
 from aira_opt.spec.prompts import decode_answer, prompt_ids
 
@@ -78,7 +80,7 @@ class NoStats:
 
 
 @dataclass
-class Row:
+class Request:
     """One admitted request while its batch runs."""
 
     request: GenerateRequest
@@ -97,29 +99,30 @@ class BatchEngine:
     `submit` takes requests from any thread; `run_until_idle` serves them on the caller's thread, or `start`
     serves them on a worker thread until `stop`."""
 
-    folder: Path
+    folder: Path | ExportFolder | EngineFolder
     decoder: Decoder
     stats: ServeStats = field(default_factory=lambda: NoStats())
     max_rows: int = 16  # most requests decoding at once; the others wait for a row to free up
-    chat: Chat = field(init=False)
 
     def __post_init__(self) -> None:
-        self.chat = Chat(Path(self.folder), self.decoder)
-        self.defaults = settings_from_folder(Path(self.folder))
-        self.context = int(self.decoder.config.get("max_position_embeddings", 2048))
-        self.continuous = supports_continuous(self.decoder)
-        self.waiting: queue.Queue[Row] = queue.Queue()
-        self.in_batch: list[Row] = []  # the requests the running batch holds (answered if a step fails)
+        if not isinstance(self.folder, (ExportFolder, EngineFolder)):
+            self.folder = open_folder(self.folder)
+        self.tokenizer = self.folder.tokenizer
+        self.format = self.folder.prompt_format
+        self.defaults = generate_options(self.folder.generation_config)
+        self.context = self.folder.context_length
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.in_batch: list[Request] = []  # the requests the running batch holds (answered if a step fails)
         self.worker: threading.Thread | None = None
         self.stopping = threading.Event()
 
     def __enter__(self) -> BatchEngine:
-        self.chat.__enter__()
+        self.decoder.activate()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self.chat.__exit__(*exc)
+        self.decoder.deactivate()
 
     # Requests in ------------------------------------------------------------------------------------------
     def submit(self, values: dict[str, np.ndarray | None], sink: ResponseSink) -> None:
@@ -127,13 +130,13 @@ class BatchEngine:
         started = time.perf_counter()
         try:
             request = parse_request(values, self.defaults)
-            prompt = prompt_ids(self.chat.tokenizer, request.text, self.chat.format)
+            prompt = prompt_ids(self.tokenizer, request.text, self.format)
             request = fit_to_context(request, len(prompt), self.context)
         except BadRequest as exc:
             self.stats.rejected()
             sink.fail(str(exc))
             return
-        self.waiting.put(Row(request, prompt, sink, TextStream(self.chat.tokenizer), started))
+        self.waiting.put(Request(request, prompt, sink, TextStream(self.tokenizer), started))
 
     def serve_batch(self, requests: Sequence[tuple[dict[str, np.ndarray | None], ResponseSink]]) -> None:
         """Answer these requests (and any others waiting) on this thread."""
@@ -145,7 +148,7 @@ class BatchEngine:
     def run_until_idle(self) -> None:
         batch = self._new_batch()
         try:
-            while self._work(batch, block=False):
+            while self._step(batch, block=False):
                 pass
         finally:
             self.in_batch = []
@@ -164,29 +167,19 @@ class BatchEngine:
 
     def _serve_forever(self) -> None:
         batch = self._new_batch()
-        while not (self.stopping.is_set() and (batch is None or batch.active == 0) and self.waiting.empty()):
+        while not (self.stopping.is_set() and batch.active == 0 and self.waiting.empty()):
             try:
-                self._work(batch, block=True)
+                self._step(batch, block=True)
             except Exception:  # the step's rows were answered with the error; the server goes on
                 log.exception("serving step failed")
                 batch = self._new_batch()
 
-    def _new_batch(self) -> ContinuousBatch | None:
-        """A running batch, or None for a runner that can only batch per arrival."""
-        if not self.continuous:
-            return None
-        return ContinuousBatch(self.decoder, self.chat.format.stop_ids, self.chat.format.pad_id)
+    def _new_batch(self) -> Generator:
+        """The running batch: compact (rows join and leave between steps) where the runner can move its cache."""
+        return Generator(self.decoder, self.format.stop_ids, self.format.pad_id, compact=True)
 
-    def _work(self, batch: ContinuousBatch | None, block: bool) -> bool:
-        """One decode step of the running batch, or one whole per-arrival batch; False when there was nothing."""
-        if batch is not None:
-            return self._step(batch, block)
-        rows = self._take(self.max_rows, block=block)
-        self._run_rows(rows)
-        return bool(rows)
-
-    def _take(self, most: int, block: bool = False) -> list[Row]:
-        rows: list[Row] = []
+    def _take(self, most: int, block: bool = False) -> list[Request]:
+        rows: list[Request] = []
         while len(rows) < most:
             try:
                 row = self.waiting.get(block=block and not rows, timeout=None)
@@ -197,36 +190,27 @@ class BatchEngine:
             rows.append(row)
         return rows
 
-    def _step(self, batch: ContinuousBatch, block: bool) -> bool:
-        """Let waiting rows join (blocking for one when the batch is empty and `block`), then one decode step.
-        False when there was nothing to do."""
-        newcomers = self._take(self.max_rows - batch.active, block=block and batch.active == 0)
+    def _step(self, batch: Generator, block: bool) -> bool:
+        """Let waiting requests join (blocking for one when the batch is empty and `block`), then one decode step.
+        A runner without host cache access takes newcomers only into an empty batch. False when there was
+        nothing to do."""
+        room = self.max_rows - batch.active if batch.can_join or batch.active == 0 else 0
+        newcomers = self._take(room, block=block and batch.active == 0)
         if not newcomers and batch.active == 0:
             return False
         self.in_batch = [row for row in self.in_batch if not row.done] + newcomers
         try:
-            batch.add([Sequence_(row.prompt, row.request.options, lambda t, row=row: self._on_token(row, t))
-                       for row in newcomers])
+            rows = [GeneratorRow(r.prompt, r.request.options, lambda t, r=r: self._on_token(r, t)) for r in newcomers]
+            capacity = max((len(r.prompt) + r.options.max_new_tokens for r in rows), default=None)
+            batch.add(rows, capacity)
             batch.step()
         except Exception as exc:
             self._fail_all(self.in_batch, exc)
             raise
         return True
 
-    def _run_rows(self, rows: list[Row]) -> None:
-        """Request-level batching, for runners without host cache access: one left-padded batch to its end."""
-        if not rows:
-            return
-        try:
-            generate_rows(self.decoder, [r.prompt for r in rows], [r.request.options for r in rows],
-                          self.chat.format.stop_ids, self.chat.format.pad_id,
-                          lambda i, token: self._on_token(rows[i], token))
-        except Exception as exc:
-            self._fail_all(rows, exc)
-            raise
-
     # Tokens out -------------------------------------------------------------------------------------------
-    def _on_token(self, row: Row, token: int) -> bool:
+    def _on_token(self, row: Request, token: int) -> bool:
         """Hand one token to its request; False when the request is over (eos, budget, or its client left)."""
         if row.sink.cancelled():
             self._end(row, "", Final(row.tokens, "cancelled"))
@@ -236,23 +220,23 @@ class BatchEngine:
         row.tokens += 1
         # Only streaming rows detokenize as they go; a whole answer is decoded once, as `generate` does.
         piece = row.text.push(token) if row.request.stream else (row.text.tokens.append(token) or "")
-        at_eos = token in self.chat.format.stop_ids and not row.request.options.ignore_eos
+        at_eos = token in self.format.stop_ids and not row.request.options.ignore_eos
         reason = "stop" if at_eos else "length" if row.tokens >= row.request.options.max_new_tokens else None
         if reason is not None:
-            text = piece + row.text.rest() if row.request.stream else decode_answer(self.chat.tokenizer, row.text.tokens)
+            text = piece + row.text.rest() if row.request.stream else decode_answer(self.tokenizer, row.text.tokens)
             self._end(row, text, Final(row.tokens, reason))
             return False
         if row.request.stream:  # one event per token, text or not: clients see progress and time the first
             row.sink.send(piece, Progress(row.tokens))
         return True
 
-    def _end(self, row: Row, text: str, final: Final) -> None:
+    def _end(self, row: Request, text: str, final: Final) -> None:
         row.done = True
         self.stats.finished(final.generated_tokens, final.finish_reason)
         row.sink.send(text, final)
 
     @staticmethod
-    def _fail_all(rows: Sequence[Row | None], exc: Exception) -> None:
+    def _fail_all(rows: Sequence[Request | None], exc: Exception) -> None:
         """A runtime failure ends the affected requests with its message, not the server (the caller logs it)."""
         message = str(exc).strip().splitlines()
         for row in rows:
@@ -263,6 +247,6 @@ class BatchEngine:
 
 def describe(engine: BatchEngine) -> dict[str, Any]:
     """What a server log says about the model it serves."""
-    return {"folder": str(engine.folder), "provider": engine.decoder.provider, "prompt_format": engine.chat.format.kind,
+    return {"folder": str(engine.folder.path), "provider": engine.decoder.provider, "prompt_format": engine.format.kind,
             "context": engine.context, "defaults": {"max_new_tokens": engine.defaults.max_new_tokens,
                                                     **engine.defaults.sampling.__dict__}}

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from aira_opt.generation.loop import GenerateOptions
+from aira_opt.generation.generator import GenerateOptions
 from aira_opt.generation.sampling import SamplingSettings
 
 

@@ -13,9 +13,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from aira_opt import __version__
-from aira_opt.core.artifacts import MANIFEST, atomic_folder, read_manifest
+from aira_opt._version import __version__
+from aira_opt.core.artifacts import atomic_folder
 from aira_opt.core.errors import ExportFolderError, OptionError
+from aira_opt.folders import EngineFolder, ExportFolder, open_folder
 from aira_opt.serve.protocol import INPUTS, OUTPUTS
 
 VERSION = "1"
@@ -64,10 +65,10 @@ class ServingOptions:
 def default_name(folder: Path) -> str:
     """The source model's name from the folder's manifest (`aira-tiny`), else the folder's own name, made into
     a valid Triton model name."""
-    name = ""
-    if (Path(folder) / MANIFEST).is_file():
-        source = read_manifest(folder).get("source_model") or {}
-        name = str(source.get("name") or "") if isinstance(source, dict) else ""
+    try:
+        name = open_folder(folder).manifest.source_name or ""
+    except ExportFolderError:  # no manifest (a folder made by hand): the folder's own name
+        name = ""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or Path(folder).resolve().name).strip("-.")
     return name or "model"
 
@@ -128,11 +129,11 @@ def _place(source: Path, target: Path, link: bool) -> None:
     shutil.copytree(source, target, copy_function=link_or_copy)
 
 
-def write_repository(source: Path, runtime: str, repository: Path, name: str | None = None,
+def write_repository(folder: ExportFolder | EngineFolder, repository: Path, name: str | None = None,
                      options: ServingOptions = ServingOptions(), force: bool = False, link: bool = False) -> Path:
-    """Write `<repository>/<name>/` for an export (`runtime` "onnx") or engine ("engine") folder; returns it."""
-    source = Path(source)
-    needed = "model.onnx" if runtime == "onnx" else MANIFEST
+    """Write `<repository>/<name>/` for an export or engine folder (its `kind` is the runtime); returns it."""
+    source, runtime = folder.path, folder.kind
+    needed = folder.model_path.name if isinstance(folder, ExportFolder) else folder.plan_path.name
     if not (source / needed).is_file() or not (source / "config.json").is_file():
         raise ExportFolderError(f"'{source}' is not an aira-opt {'export' if runtime == 'onnx' else 'engine'} "
                                 f"folder (no {needed} or config.json)")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aira_opt.core.errors import AiraOptError, Terminated
+from aira_opt.folders import EngineFolder, ExportFolder
 from aira_opt.serve.repository import ServingOptions, write_repository
 from aira_opt.spec.models import cache_dir
 
@@ -39,6 +40,7 @@ PYTRITON_VERSION = "0.7.0"  # its wheel bundles Triton server 2.51 and the Pytho
 # the server binary is used.
 INSTALL = f"pip install 'aira-opt[serve]' && pip install --no-deps nvidia-pytriton=={PYTRITON_VERSION}"
 EXIT_TIMEOUT_S = 30  # how long in-flight requests may take to finish once shutdown starts
+LOCAL_HOST = "127.0.0.1"  # serve's default: this machine only; --host 0.0.0.0 opens it to the network
 
 
 class ServerError(AiraOptError):
@@ -160,7 +162,7 @@ class TritonServer:
     """One tritonserver process over a repository; a context manager that always stops it."""
 
     def __init__(self, repository: Path, ports: Ports = Ports(), install: TritonInstall | None = None,
-                 log_path: Path | None = None, host: str = "0.0.0.0", exit_timeout_s: int = EXIT_TIMEOUT_S):
+                 log_path: Path | None = None, host: str = LOCAL_HOST, exit_timeout_s: int = EXIT_TIMEOUT_S):
         problems = ports.problems()
         if problems:
             raise ServerError("; ".join(problems))
@@ -177,11 +179,12 @@ class TritonServer:
                 "--backend-directory", str(prepare_backends(self.install)),
                 "--http-port", str(self.ports.http), "--grpc-port", str(self.ports.grpc),
                 "--metrics-port", str(self.ports.metrics), "--http-address", self.host, "--grpc-address", self.host,
+                "--metrics-address", self.host,
                 "--exit-timeout-secs", str(self.exit_timeout_s), "--allow-metrics", "true", "--log-info", "true"]
 
     @property
     def url(self) -> str:
-        return f"http://localhost:{self.ports.http}"
+        return f"http://{LOCAL_HOST if self.host in (LOCAL_HOST, '0.0.0.0') else self.host}:{self.ports.http}"
 
     def start(self) -> TritonServer:
         busy = [f"{what} port {port}" for what, port in (("HTTP", self.ports.http), ("gRPC", self.ports.grpc),
@@ -268,16 +271,18 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def serve_folder(source: Path, runtime: str, name: str | None, options: ServingOptions, ports: Ports,
+def serve_folder(source: ExportFolder | EngineFolder, name: str | None, options: ServingOptions, ports: Ports,
                  echo: Callable[[str], None], tritonserver: Path | None = None, log_path: Path | None = None,
-                 ready_timeout_s: float = 600.0) -> None:
+                 ready_timeout_s: float = 600.0, host: str = LOCAL_HOST) -> None:
     """`aira-opt serve`: a repository over the folder (in a temporary place, linking the folder), a server on it,
     and its addresses printed; runs until Ctrl-C or SIGTERM, then shuts down gracefully and cleans up."""
     install = find_tritonserver(tritonserver)
     with tempfile.TemporaryDirectory(prefix="aira-opt-serve-") as tmp:
-        model = write_repository(source, runtime, Path(tmp) / "repository", name, options, link=True).name
-        server = TritonServer(Path(tmp) / "repository", ports, install, log_path or Path(tmp) / "tritonserver.log")
-        echo(f"starting Triton Inference Server ({install.binary}) for '{model}' from {source}; log: {server.log_path}")
+        model = write_repository(source, Path(tmp) / "repository", name, options, link=True).name
+        server = TritonServer(Path(tmp) / "repository", ports, install, log_path or Path(tmp) / "tritonserver.log",
+                              host=host)
+        echo(f"starting Triton Inference Server ({install.binary}) for '{model}' from {source.path} on {host}; "
+             f"log: {server.log_path}")
         server.start()
         try:
             server.wait_ready(model, ready_timeout_s)

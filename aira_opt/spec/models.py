@@ -155,8 +155,18 @@ def spec_name(spec: str) -> str:
 
 
 def model_name(spec: str, num_layers: int | None = None) -> str:
-    """The name exports of `spec` are filed under (export/<name>/...): a depth override is part of it."""
-    return spec_name(spec) if num_layers is None else f"{spec_name(spec)}-{num_layers}l"
+    """The name exports of `spec` are filed under (export/<name>/...), known before loading it: a GGUF file's
+    stem, and a depth override is part of it."""
+    base = spec_name(Path(spec).stem if spec.endswith(".gguf") else spec)
+    return base if num_layers is None else f"{base}-{num_layers}l"
+
+
+def check_spec(spec: str, num_layers: int | None) -> None:
+    """What can be said of a spec and a depth override before loading anything."""
+    if num_layers is not None and num_layers < 1:
+        raise ModelLoadError(f"--num-layers must be at least 1, got {num_layers}")
+    if num_layers is not None and spec not in PRESETS:
+        raise ModelLoadError(f"--num-layers only applies to random presets ({', '.join(PRESETS)}), not to '{spec}'")
 
 
 def known_specs() -> list[str]:
@@ -202,21 +212,16 @@ def check_architecture(model_type: str, source: str) -> None:
 
 def load_model(spec: str, num_layers: int | None = None) -> LoadedModel:
     """Resolve `spec` and load the fp32 PyTorch model and tokenizer (eval mode)."""
-    if num_layers is not None and num_layers < 1:
-        raise ModelLoadError(f"--num-layers must be at least 1, got {num_layers}")
+    check_spec(spec, num_layers)
     if spec in PRESETS:
         return _load_random_preset(spec, num_layers)
-    if num_layers is not None:
-        raise ModelLoadError(
-            f"--num-layers only applies to random presets ({', '.join(PRESETS)}), not to '{spec}'"
-        )
     if spec == BUNDLED:
         return _load_pretrained(bundled_model_dir(), spec, BUNDLED, "bundled")
     if spec in PACKAGED:
         return _load_gguf(packaged_gguf(spec), spec, spec, "packaged")
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, spec, spec_name(path.stem), "gguf")
+        return _load_gguf(path, spec, model_name(spec), "gguf")
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"'{spec}' is a path but has no config.json; point --model at a model folder "

@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 
 from aira_opt.core.artifacts import atomic_folder, refuse_existing, sha256_file
-from aira_opt.core.contract import DecoderContract
 from aira_opt.core.errors import TensorRTUnavailableError
-from aira_opt.runtime.decoder import DecoderLifecycle, KVCache, StepOutput
-from aira_opt.tensorrt.plan import BuildPlan, Profile, ShapeRange, hardware_compatibility, profile_for
+from aira_opt.folders import PLAN_FILE, SIDECAR, SOURCE_MANIFEST, EngineFolder, EngineRecord
+from aira_opt.runtime.runner import Runner, KVCache, StepOutput
+from aira_opt.tensorrt.build_plan import BuildPlan, Profile, ShapeRange, hardware_compatibility, profile_for
 
 INSTALL_HINT = "pip install 'aira-opt[trt]'"
-PLAN_FILE, SIDECAR = "model.plan", "model.json"
 SUPPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "manifest.json")
 
@@ -70,7 +69,7 @@ def require_gpu() -> tuple[str, tuple[int, int]]:
 
 
 # Build ----------------------------------------------------------------------------------------------------
-def build_engine(plan: BuildPlan, folder: Path, output: Path, force: bool = False) -> dict[str, Any]:
+def build_engine(plan: BuildPlan, folder: Path, output: Path, force: bool = False) -> EngineFolder:
     """Parse the ONNX (external data included), add the profiles, build, and write plan + sidecar atomically."""
     refuse_existing(output, force)
     trt = import_tensorrt()
@@ -104,10 +103,10 @@ def build_engine(plan: BuildPlan, folder: Path, output: Path, force: bool = Fals
         (tmp / PLAN_FILE).write_bytes(bytes(serialized))
         for name in SUPPORT_FILES:
             if (Path(folder) / name).is_file():
-                shutil.copy2(Path(folder) / name, tmp / ("source_manifest.json" if name == "manifest.json" else name))
-        sidecar = engine_sidecar(plan, trt.__version__, gpu, capability, level, tmp / PLAN_FILE, build_seconds)
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
-    return sidecar
+                shutil.copy2(Path(folder) / name, tmp / (SOURCE_MANIFEST if name == "manifest.json" else name))
+        record = engine_record(plan, trt.__version__, gpu, capability, level, tmp / PLAN_FILE, build_seconds)
+        (tmp / SIDECAR).write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    return EngineFolder(output)
 
 
 def _trt_profile(builder: Any, profile: Profile) -> Any:
@@ -117,34 +116,34 @@ def _trt_profile(builder: Any, profile: Profile) -> Any:
     return trt_profile
 
 
-def engine_sidecar(plan: BuildPlan, trt_version: str, gpu: str, capability: tuple[int, int], level: str,
-                   plan_path: Path, build_seconds: float) -> dict[str, Any]:
-    """The JSON next to model.plan: what it was built from, for what, and how to feed it."""
+def engine_record(plan: BuildPlan, trt_version: str, gpu: str, capability: tuple[int, int], level: str,
+                  plan_path: Path, build_seconds: float) -> EngineRecord:
+    """model.json next to model.plan: what it was built from, for what, and how to feed it."""
     data = plan.to_json()
-    return {
-        "format": "aira-opt-engine/1",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tensorrt_version": trt_version, "gpu": gpu, "compute_capability": f"{capability[0]}.{capability[1]}",
-        "target": plan.options.target, "hardware_compatibility_level": level,
-        "precision": plan.precision, "profiles": data["profiles"], "options": data["options"],
-        "inputs": plan.inputs, "outputs": plan.outputs, "build_seconds": round(build_seconds, 1),
-        "sha256": {"plan": sha256_file(plan_path), "onnx": sha256_file(Path(plan.onnx_path))},
-    }
+    return EngineRecord(
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        tensorrt_version=trt_version, gpu=gpu, compute_capability=f"{capability[0]}.{capability[1]}",
+        target=plan.options.target, hardware_compatibility_level=level,
+        precision=plan.precision, profiles=data["profiles"], options=data["options"],
+        inputs=plan.inputs, outputs=plan.outputs, build_seconds=round(build_seconds, 1),
+        sha256={"plan": sha256_file(plan_path), "onnx": sha256_file(Path(plan.onnx_path))},
+    )
 
 
 # Run ------------------------------------------------------------------------------------------------------
-class TrtDecoder(DecoderLifecycle):
+class TrtDecoder(Runner):
     """A TensorRT engine with the same step interface as runtime.OrtDecoder, so the generation loop,
     `check` and `bench` run it unchanged. Buffers live in PyTorch CUDA tensors; the KV cache stays on the GPU."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.sidecar = json.loads((self.folder / SIDECAR).read_text())
-        self.config = json.loads((self.folder / "config.json").read_text())
-        self.contract = DecoderContract.from_config_dict(self.config)
+    def __init__(self, folder: Path | EngineFolder):
+        self.engine_folder = folder if isinstance(folder, EngineFolder) else EngineFolder(folder)
+        self.folder = self.engine_folder.path
+        self.record = self.engine_folder.record
+        self.config = self.engine_folder.config
+        self.contract = self.engine_folder.contract
         self.provider = "tensorrt-engine"
         self.profiles = [Profile(p["name"], {k: _shape_range(v) for k, v in p["shapes"].items()})
-                         for p in self.sidecar["profiles"]]
+                         for p in self.record.profiles]
         self.engine = self.context = None
         self.kv_dtype: Any = None
 
@@ -155,12 +154,12 @@ class TrtDecoder(DecoderLifecycle):
             trt = import_tensorrt()
             require_gpu()
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = runtime.deserialize_cuda_engine((self.folder / PLAN_FILE).read_bytes())
+            self.engine = runtime.deserialize_cuda_engine(self.engine_folder.plan_path.read_bytes())
             self.context = self.engine.create_execution_context()
             # One stream for everything: the host-to-device copies of the inputs, the engine, the copy back.
             self.stream = torch.cuda.current_stream()
-            self.kv_torch_dtype = torch.float16 if self.sidecar["precision"] == "fp16" else torch.float32
-            self.kv_dtype = np.float16 if self.sidecar["precision"] == "fp16" else np.float32
+            self.kv_dtype = np.dtype(self.record.variant.dtype)  # the graph's activations and cache
+            self.kv_torch_dtype = getattr(torch, self.kv_dtype.name)
             # A non-null address for zero-size tensors (the empty past at prefill): TensorRT rejects null.
             self._placeholder = torch.empty(16, dtype=torch.uint8, device="cuda")
             self._profile = -1
@@ -208,17 +207,6 @@ class TrtDecoder(DecoderLifecycle):
         seconds = time.perf_counter() - start
         presents = [outputs[n] for n in self.contract.present_names()]
         return StepOutput(logits=host, seconds=seconds), cache.advanced(presents, input_ids.shape[1])
-
-
-def verify_engine_folder(folder: Path) -> list[str]:
-    """Every mismatch between an engine folder and its sidecar (the plan's sha256, missing files)."""
-    folder = Path(folder)
-    problems = [f"{name}: missing" for name in (PLAN_FILE, SIDECAR, "config.json") if not (folder / name).is_file()]
-    if not problems:
-        sidecar = json.loads((folder / SIDECAR).read_text())
-        if sha256_file(folder / PLAN_FILE) != sidecar.get("sha256", {}).get("plan"):
-            problems.append(f"{PLAN_FILE}: sha256 differs from {SIDECAR}")
-    return problems
 
 
 def _shape_range(v: dict[str, list[int]]) -> ShapeRange:

@@ -1,29 +1,34 @@
-"""Bench runners: one per backend, one interface (activate / infer / deactivate, as Polygraphy's runners share
-one), in a registry that `--backends` chooses from. Each runs greedy on given token ids for a fixed number of
-new tokens, eos ignored, and returns the time to the first token and the time of every decode step."""
+"""Bench backends: one runner per backend, in the runner family's interface (activate / deactivate, as every
+runtime.runner.Runner, plus `infer`), in a registry that `--backends` chooses from. Each backend also says which
+sources it takes (`plan`: export folders, engine folders, GGUF files, the source model), so planning never
+branches on backend names. Each runs greedy on given token ids for a fixed number of new tokens, eos ignored,
+and returns the time to the first token and the time of every decode step."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from aira_opt.bench.weights import gguf_weight_bytes, onnx_weight_bytes
-from aira_opt.generation.loop import GenerateOptions, generate
-from aira_opt.generation.sampling import GREEDY, HF_GREEDY
+from aira_opt.bench.weights import gguf_type, gguf_weight_bytes, onnx_weight_bytes
+from aira_opt.core.errors import TensorRTUnavailableError
+from aira_opt.folders import EngineFolder, ExportFolder
+from aira_opt.generation.generator import GenerateOptions, generate
+from aira_opt.generation.sampling import GREEDY
 from aira_opt.precision.kernels import kernel_summary
-from aira_opt.runtime.decoder import Decoder
+from aira_opt.precision.variants import variant_named_in
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.providers import PROVIDERS, session_options
+from aira_opt.runtime.pytorch import Timings, hf_generate_timings
+from aira_opt.runtime.runner import Decoder, Runner
 from aira_opt.spec.models import load_model
-from aira_opt.tensorrt.engines import PLAN_FILE, TrtDecoder
-
-Timings = tuple[float, list[float]]  # (seconds to the first token, seconds of each decode step)
+from aira_opt.tensorrt.engines import TrtDecoder, import_tensorrt, require_gpu
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,24 @@ class Job:
     python: str = ""  # the interpreter of another virtual environment to run this job in ("" = this one)
 
 
-class BenchRunner:
+@dataclass
+class BenchSources:
+    """What a bench was given: the source model, and the files each backend may take."""
+
+    model_spec: str
+    num_layers: int | None = None
+    onnx_dirs: list[Path] = field(default_factory=list)
+    engines: list[Path] = field(default_factory=list)
+    genai_dirs: list[Path] = field(default_factory=list)
+    gguf_files: list[Path] = field(default_factory=list)
+    provider: str = "cpu"
+    optimum_python: str | None = None  # another virtual environment's interpreter for optimum
+
+
+Planned = tuple[list[Job], list[str]]  # the jobs a backend will run, and the reasons it runs none (or fewer)
+
+
+class BenchRunner(Runner):
     """Load once (activate), time greedy runs (infer), let go (deactivate). After activate: where the weights
     live (`device`), the bytes on disk and the weight bytes one decode step reads."""
 
@@ -53,7 +75,12 @@ class BenchRunner:
         self.size_bytes = self.weight_bytes = 0
         self.kernels = ""  # which kernels ran, where the backend makes a choice (the bench row shows it)
 
-    def activate(self) -> None:
+    @classmethod
+    def plan(cls, sources: BenchSources) -> Planned:
+        """The jobs this backend runs on these sources, and the reasons where it runs none."""
+        raise NotImplementedError
+
+    def activate(self) -> BenchRunner:
         raise NotImplementedError
 
     def infer(self, ids: np.ndarray, new_tokens: int) -> Timings:
@@ -64,40 +91,15 @@ class BenchRunner:
         """Drop what activate loaded (the child process ends right after, so this is usually nothing)."""
 
 
-def _timing_streamer(cuda: bool = False) -> Any:
-    from transformers.generation.streamers import BaseStreamer
-
-    class TimingStreamer(BaseStreamer):
-        """Timestamps each put(): the first is the prompt, then one per generated step. On CUDA it waits for
-        the GPU first, so a timestamp means the token really exists."""
-
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            if cuda:
-                import torch
-
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    return TimingStreamer()
-
-
-def hf_generate_timings(model: Any, ids: np.ndarray, new_tokens: int, pad_id: int, device: str = "cpu") -> Timings:
-    """transformers' generate (PyTorch or optimum's ORTModel), greedy for exactly `new_tokens` tokens."""
-    import torch
-
-    x = torch.from_numpy(ids).to(device)
-    streamer = _timing_streamer(cuda=device == "cuda")
-    with torch.inference_mode():
-        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       pad_token_id=pad_id, streamer=streamer, **HF_GREEDY)
-    t = streamer.times
-    return t[1] - t[0], list(np.diff(t[1:]))
+def jobs_on_exports(backend: str, sources: BenchSources, python: str = "") -> list[Job]:
+    """One job per export folder, labelled by its manifest's variant (and the provider, off the CPU)."""
+    where = "" if sources.provider == "cpu" else f" ({sources.provider})"
+    jobs = []
+    for folder in sources.onnx_dirs:
+        label = ExportFolder(folder).manifest.label
+        jobs.append(Job(backend, f"{backend} {label}{where}", label, folder=str(folder), provider=sources.provider,
+                        python=python))
+    return jobs
 
 
 class TorchRunner(BenchRunner):
@@ -105,7 +107,15 @@ class TorchRunner(BenchRunner):
 
     name = "torch"
 
-    def activate(self) -> None:
+    @classmethod
+    def plan(cls, sources: BenchSources) -> Planned:
+        import torch  # heavy: only when PyTorch is benched
+
+        precision = "fp16" if torch.cuda.is_available() else "fp32"  # what users run on each device
+        return [Job(cls.name, f"torch {precision}", precision, model_spec=sources.model_spec,
+                    num_layers=sources.num_layers)], []
+
+    def activate(self) -> TorchRunner:
         import torch
 
         if self.threads:
@@ -118,6 +128,7 @@ class TorchRunner(BenchRunner):
         self.size_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         emb = model.get_input_embeddings().weight  # a lookup table: one row per token is read, not the table
         self.weight_bytes = self.size_bytes - emb.numel() * emb.element_size()
+        return self
 
     def infer(self, ids: np.ndarray, new_tokens: int) -> Timings:
         return hf_generate_timings(self.model, ids, new_tokens, self.pad, self.device)
@@ -128,20 +139,32 @@ class OptimumRunner(BenchRunner):
 
     name = "optimum"
 
-    def activate(self) -> None:
+    @classmethod
+    def plan(cls, sources: BenchSources) -> Planned:
+        if not sources.optimum_python:
+            try:
+                import optimum.onnxruntime  # noqa: F401
+            except ImportError as exc:
+                return [], [f"optimum is not importable here ({exc}); pip install 'aira-opt[optimum]' in a virtual "
+                            "environment of its own (it pins transformers 4.57) and pass its interpreter with "
+                            "--optimum-python"]
+        return jobs_on_exports(cls.name, sources, sources.optimum_python or ""), []
+
+    def activate(self) -> OptimumRunner:
         from optimum.onnxruntime import ORTModelForCausalLM
 
         self.size_bytes, self.weight_bytes = onnx_weight_bytes(Path(self.job.folder))
         self.model = ORTModelForCausalLM.from_pretrained(
             self.job.folder, use_cache=True, use_io_binding=self.device == "cuda",
             provider=PROVIDERS[self.job.provider][0], session_options=session_options(self.threads))
+        return self
 
     def infer(self, ids: np.ndarray, new_tokens: int) -> Timings:
         return hf_generate_timings(self.model, ids, new_tokens, self.pad, self.device)
 
 
 class LoopRunner(BenchRunner):
-    """Our generation loop over a Decoder; subclasses say which."""
+    """Our generator over a decoder runner; subclasses say which."""
 
     decoder: Decoder
 
@@ -157,19 +180,65 @@ class LoopRunner(BenchRunner):
 class OrtRunner(LoopRunner):
     name = "ort"
 
-    def activate(self) -> None:
+    @classmethod
+    def plan(cls, sources: BenchSources) -> Planned:
+        return jobs_on_exports(cls.name, sources), []
+
+    def activate(self) -> OrtRunner:
         self.size_bytes, self.weight_bytes = onnx_weight_bytes(Path(self.job.folder))
         self.decoder = OrtDecoder(Path(self.job.folder), provider=self.job.provider, threads=self.threads).activate()
-        self.kernels = kernel_summary(self.decoder.manifest)
+        self.kernels = kernel_summary(self.decoder.manifest.kernels if self.decoder.manifest else None)
+        return self
 
 
 class TrtRunner(LoopRunner):
     name = "trt"
 
-    def activate(self) -> None:
-        self.size_bytes = self.weight_bytes = (Path(self.job.folder) / PLAN_FILE).stat().st_size
-        self.decoder = TrtDecoder(Path(self.job.folder)).activate()
+    @classmethod
+    def plan(cls, sources: BenchSources) -> Planned:
+        if not sources.engines:
+            return [], []
+        try:
+            import_tensorrt()
+            require_gpu()
+        except TensorRTUnavailableError as exc:
+            return [], [f"{engine}: {exc.message}" for engine in sources.engines]
+        precisions = [EngineFolder(engine).record.precision for engine in sources.engines]
+        return [Job(cls.name, f"trt {p}", p, folder=str(e)) for e, p in zip(sources.engines, precisions)], []
+
+    def activate(self) -> TrtRunner:
+        engine = EngineFolder(self.job.folder)
+        self.size_bytes = self.weight_bytes = engine.plan_path.stat().st_size
+        self.decoder = TrtDecoder(engine).activate()
         self.device = "cuda"
+        return self
+
+
+class PeerRunner(BenchRunner):
+    """A peer that runs its own files: what `bench` must be given, the module it imports, how to get that."""
+
+    source_option: ClassVar[str]  # e.g. "--genai folder (build one with benchmarks/build_genai.sh)"
+    module: ClassVar[str]  # imported by the runner
+    install: ClassVar[str]  # how to get the module
+
+    @classmethod
+    def sources(cls, given: BenchSources) -> list[Path]:
+        raise NotImplementedError
+
+    @classmethod
+    def label(cls, source: Path) -> str:
+        """The precision a source holds."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan(cls, sources: BenchSources) -> Planned:
+        given = cls.sources(sources)
+        if not given:
+            return [], [f"no {cls.source_option}"]
+        if importlib.util.find_spec(cls.module) is None:
+            return [], [cls.install]
+        labelled = [(source, cls.label(source)) for source in given]  # reads each source's header once
+        return [Job(cls.name, f"{cls.name} {label}", label, folder=str(source)) for source, label in labelled], []
 
 
 def genai_threads(threads: int | None) -> dict[str, int]:
@@ -177,12 +246,26 @@ def genai_threads(threads: int | None) -> dict[str, int]:
     return {"intra_op_num_threads": threads or os.cpu_count() or 1, "inter_op_num_threads": 1}
 
 
-class GenaiRunner(BenchRunner):
+class GenaiRunner(PeerRunner):
     """onnxruntime-genai's own generator over a folder it can load (its builder's, or ours)."""
 
     name = "genai"
+    source_option = "--genai folder (build one with benchmarks/build_genai.sh)"
+    module = "onnxruntime_genai"
+    install = "onnxruntime-genai is not installed (pip install 'aira-opt[genai]')"
 
-    def activate(self) -> None:
+    @classmethod
+    def sources(cls, given: BenchSources) -> list[Path]:
+        return given.genai_dirs
+
+    @classmethod
+    def label(cls, source: Path) -> str:
+        """The precision its folder's name mentions (benchmarks/build_genai.sh names them genai-int4):
+        onnxruntime-genai's folders carry no manifest of ours."""
+        found = variant_named_in(Path(source).name)
+        return found.name if found else "genai"
+
+    def activate(self) -> GenaiRunner:
         import onnxruntime_genai as og
 
         self.og = og
@@ -192,6 +275,7 @@ class GenaiRunner(BenchRunner):
         # at a fraction of its speed here (benchmarks/README.md), an unfair comparison.
         config.overlay(json.dumps({"model": {"decoder": {"session_options": genai_threads(self.threads)}}}))
         self.model = og.Model(config)
+        return self
 
     def infer(self, ids: np.ndarray, new_tokens: int) -> Timings:
         og = self.og
@@ -210,13 +294,26 @@ class GenaiRunner(BenchRunner):
         return t1 - t0, steps
 
 
-class LlamaCppRunner(BenchRunner):
+class LlamaCppRunner(PeerRunner):
     """llama.cpp (llama-cpp-python) over a GGUF file: the same token ids in, greedy on the last logits, one
     sequence at a time (its Python API decodes one sequence)."""
 
     name = "llamacpp"
+    source_option = ("--gguf file (benchmarks/make_gguf.py converts and quantizes a checkpoint with llama.cpp's own "
+                     "tools)")
+    module = "llama_cpp"
+    install = ("llama-cpp-python is not installed (PyPI has no CPU wheel: benchmarks/build_llamacpp.sh builds one for "
+               "this CPU and caches it)")
 
-    def activate(self) -> None:
+    @classmethod
+    def sources(cls, given: BenchSources) -> list[Path]:
+        return given.gguf_files
+
+    @classmethod
+    def label(cls, source: Path) -> str:
+        return gguf_type(source)
+
+    def activate(self) -> LlamaCppRunner:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
@@ -227,6 +324,7 @@ class LlamaCppRunner(BenchRunner):
         system = llama_cpp.llama_print_system_info().decode()  # "AVX2 = 1 | ..." as built for this CPU
         simd = [f for f in ("AVX512", "AVX512_VNNI", "AVX_VNNI", "AMX_INT8", "AVX2") if f"{f} = 1" in system]
         self.kernels = f"llama.cpp {self.job.precision} ({', '.join(simd)})"  # precision: the GGUF's type
+        return self
 
     def last_logits(self) -> np.ndarray:
         pointer = self.llama_cpp.llama_get_logits_ith(self.model.ctx, -1)

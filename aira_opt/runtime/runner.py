@@ -1,5 +1,7 @@
-"""What every runner gives the generation loop, `check` and `bench`: the Decoder protocol, one step's output,
-and the KV cache, which owns how it grows."""
+"""The one runner family. Every runner is loaded by `activate`, released by `deactivate` (or used as a context
+manager), as Polygraphy's runners are. A decoder runner (ONNX Runtime, TensorRT, PyTorch) also steps one
+forward pass with a KV cache: the Decoder protocol, which the generator, validation, `check` and `bench` drive.
+Here too: one step's output, and the KV cache, which owns how it grows."""
 
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ class KVCache:
 
 
 class Decoder(Protocol):
-    """A runner over one exported decoder (runtime.ort.OrtDecoder, tensorrt.engines.TrtDecoder)."""
+    """A decoder runner: runtime.ort.OrtDecoder, tensorrt.engines.TrtDecoder, runtime.pytorch.TorchDecoder.
+    A runner that can also move its cache to the host and back (`cache_to_host`, `cache_from_host`) lets rows
+    join and leave a running batch (generation.generator)."""
 
     config: dict[str, Any]  # the export's config.json
     contract: DecoderContract
@@ -69,10 +73,11 @@ class Decoder(Protocol):
              all_logits: bool = False) -> tuple[StepOutput, KVCache]: ...
 
 
-class DecoderLifecycle:
-    """activate / deactivate, and the same as a context manager: what every decoder runner shares."""
+class Runner:
+    """activate / deactivate, and the same as a context manager: what every runner shares (the decoder runners
+    here, bench's backends)."""
 
-    def activate(self) -> DecoderLifecycle:
+    def activate(self) -> Runner:
         raise NotImplementedError
 
     def deactivate(self) -> None:

@@ -3,18 +3,17 @@ checks on the ONNX graph. Everything here runs on any machine; `engines.py` only
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from aira_opt.core.artifacts import graph_is_fused, read_manifest
 from aira_opt.core.contract import BATCH, PAST, SEQ, TOTAL, DecoderContract
 from aira_opt.core.errors import AiraOptError
+from aira_opt.folders import ExportFolder
 from aira_opt.precision.graph import fp32_islands, qdq_problems
-from aira_opt.precision.variants import tensorrt_names
+from aira_opt.precision.variants import tensorrt_names, variant
 
 TARGETS = ("a100", "native")
 DEFAULT_MAX_SEQ = 512  # the longest prefill an engine takes unless told: a long prompt, a modest workspace
@@ -173,7 +172,7 @@ def preflight(model: onnx.ModelProto, contract: DecoderContract, profiles: list[
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         problems.extend(qdq_problems(model))
     problems.extend(uncovered_dimensions(model, profiles))
-    if precision == "fp16":
+    if variant(precision).dtype == "float16":
         problems.extend(fp16_consistency(model, declared_fp32 or {}))
     problems.extend(contract.check_graph(model))
     return problems
@@ -215,24 +214,24 @@ def fp16_consistency(model: onnx.ModelProto, declared_fp32: dict[str, int]) -> l
 
 def make_plan(folder: Path, options: BuildOptions, two_profiles: bool = True) -> BuildPlan:
     """Read an export folder and decide the build: profiles, expected I/O, and the pre-flight result."""
-    manifest = read_manifest(folder)
-    precision = manifest.get("precision", "fp32")
-    if precision not in tensorrt_names():
-        raise AiraOptError(f"the {precision} export cannot be built into a TensorRT engine "
-                           f"(it uses CPU-only ops); export with --precision fp16 or int8-qdq")
-    if graph_is_fused(manifest):
+    export = ExportFolder(folder)
+    manifest = export.manifest
+    precision = manifest.precision
+    if not manifest.variant.tensorrt:
+        raise AiraOptError(f"the {precision} export cannot be built into a TensorRT engine (it uses CPU-only "
+                           f"ops); export with --precision {' or '.join(tensorrt_names())}")
+    if manifest.fused:
         raise AiraOptError("this export was made with --fuse (CPU-only GroupQueryAttention); "
                            "export it again without --fuse for TensorRT")
-    config = json.loads((Path(folder) / "config.json").read_text())
-    contract = DecoderContract.from_config_dict(config)
-    model_context = int(config.get("max_position_embeddings", 2048))
+    contract = export.contract
+    model_context = export.context_length
     options = options.for_model(model_context)
     problems = options.problems(model_context)
     if problems:
         raise AiraOptError("; ".join(problems))
     model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
     profiles = derive_profiles(contract, options, two_profiles)
-    declared = manifest.get("kept_fp32") if isinstance(manifest.get("kept_fp32"), dict) else {}
+    declared = manifest.kept_fp32 if isinstance(manifest.kept_fp32, dict) else {}
     return BuildPlan(
         onnx_path=str(Path(folder) / "model.onnx"), precision=precision, options=options, profiles=profiles,
         inputs=contract.input_shapes(), outputs=contract.output_shapes(),

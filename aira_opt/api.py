@@ -1,0 +1,201 @@
+"""The Python API: what people embed in their own programs, as they use onnxruntime-genai's `og.Model` or
+optimum's `ORTModelForCausalLM`. The CLI's commands are thin layers over the same calls.
+
+    model = aira_opt.load("export/aira-tiny/fp32")          # an export or engine folder
+    model.generate("What is the capital of Brazil?")         # -> str, with the export's own generation defaults
+    model.generate(["q1", "q2"], max_new_tokens=32)          # a batch -> list[str]
+    for piece in model.stream("Tell me about Brazil."): ...  # text pieces as they are decoded
+    folder = aira_opt.export("smollm2-135m", precision="int4", output="out/smol-int4")   # -> ExportFolder
+    report = aira_opt.check(folder)                          # -> the same record as `check --json`
+
+Errors are aira-opt's own (aira_opt.AiraOptError and its subclasses), each with a one-line message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, overload
+
+from aira_opt.check.parity import check_folder
+from aira_opt.core.errors import AiraOptError, OptionError
+from aira_opt.core.progress import ProgressCallback
+from aira_opt.folders import EngineFolder, ExportFolder, open_folder
+from aira_opt.generation.defaults import generate_options
+from aira_opt.generation.generator import (GenerateOptions, GenerationResult, Generator, Row, check_context,
+                                          generate)
+from aira_opt.generation.streaming import TextStream
+from aira_opt.pipeline.export_plan import ExportPlan, plan_export
+from aira_opt.pipeline.export_run import run_export
+from aira_opt.runners import open_runner
+from aira_opt.runtime.runner import Decoder
+from aira_opt.spec.prompts import decode_answer, prompt_ids
+
+__all__ = ["load", "export", "plan_export", "run_export", "check", "Model", "Answer", "ExportFolder", "EngineFolder",
+           "ExportPlan", "AiraOptError"]
+
+FolderLike = str | Path | ExportFolder | EngineFolder
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One prompt's answers with what it took: the record `generate --json` prints."""
+
+    prompt: str
+    answers: list[str]
+    token_ids: list[list[int]]
+    prompt_token_ids: list[int]
+    finished_at_eos: list[bool]
+    time_to_first_token_ms: float
+    tokens_per_second: float
+    new_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Model:
+    """An export (or engine) folder with an active runner, ready to answer. Use it as a context manager, or call
+    `close` when done (the runner's session and memory are released)."""
+
+    def __init__(self, folder: ExportFolder | EngineFolder, runner: Decoder):
+        self.folder = folder
+        self.runner = runner
+        self.tokenizer = folder.tokenizer
+        self.prompt_format = folder.prompt_format
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __repr__(self) -> str:
+        return f"Model('{self.folder.path}', {self.runner.provider})"
+
+    # Options ------------------------------------------------------------------------------------------------
+    def options(self, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                greedy: bool = False, seed: int | None = None, num_return_sequences: int = 1) -> GenerateOptions:
+        """The export's own generation defaults (generation_config.json), with what is given here instead.
+        temperature 0 means greedy."""
+        if num_return_sequences < 1:
+            raise OptionError("num_return_sequences must be at least 1")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise OptionError("max_new_tokens must be at least 1")
+        if temperature == 0:
+            greedy, temperature = True, None
+        return generate_options(self.folder.generation_config, greedy=greedy, seed=seed,
+                                num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+
+    # Answers ------------------------------------------------------------------------------------------------
+    def prompt_ids(self, text: str) -> list[int]:
+        """The question in the export's prompt format, as token ids; control tokens typed in it stay text."""
+        if not isinstance(text, str):
+            raise OptionError(f"a prompt must be a str, got {type(text).__name__}")
+        return prompt_ids(self.tokenizer, text, self.prompt_format)
+
+    def run(self, prompts: Sequence[str], options: GenerateOptions,
+            on_token: Callable[[int, int], bool | None] | None = None) -> GenerationResult:
+        """Our generator on a batch of questions: token ids and timings (on_token(row, token) as each is chosen)."""
+        return generate(self.runner, [self.prompt_ids(p) for p in prompts], options, self.prompt_format.stop_ids,
+                        self.prompt_format.pad_id, on_token=on_token)
+
+    @overload
+    def generate(self, prompt: str, **options: Any) -> str | list[str]: ...
+
+    @overload
+    def generate(self, prompt: Sequence[str], **options: Any) -> list[str] | list[list[str]]: ...
+
+    def generate(self, prompt: str | Sequence[str], **options: Any) -> Any:
+        """The answer to one question (a str), or one per question for a list. With num_return_sequences above 1,
+        a list of answers per question. Options: see `options`."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts:
+            raise OptionError("no prompts to answer")
+        chosen = self.options(**options)
+        result = self.run(prompts, chosen)
+        texts = [decode_answer(self.tokenizer, tokens) for tokens in result.tokens]
+        per_prompt = chosen.num_return_sequences
+        grouped = [texts[i:i + per_prompt] for i in range(0, len(texts), per_prompt)]
+        answers = [group[0] if per_prompt == 1 else group for group in grouped]
+        return answers[0] if single else answers
+
+    def answer(self, prompt: str, **options: Any) -> Answer:
+        """One question's answers with token ids and timings (what `generate --json` prints)."""
+        result = self.run([prompt], self.options(**options))
+        return Answer(prompt=prompt, answers=[decode_answer(self.tokenizer, t) for t in result.tokens],
+                      token_ids=result.tokens, prompt_token_ids=result.prompts[0], finished_at_eos=result.finished,
+                      time_to_first_token_ms=round(result.ttft_ms, 3),
+                      tokens_per_second=round(result.decode_tokens_per_s, 3),
+                      new_tokens=sum(len(t) for t in result.tokens))
+
+    def stream(self, prompt: str, **options: Any) -> Iterator[str]:
+        """The answer's text in pieces, each as soon as its tokens decode to whole characters; the pieces add up to
+        `generate`'s answer. Stopping the iteration early stops generating."""
+        chosen = self.options(**options)
+        if chosen.num_return_sequences != 1:
+            raise OptionError("stream gives one answer; use generate for num_return_sequences above 1")
+        ids = self.prompt_ids(prompt)
+        context = int(self.runner.config.get("max_position_embeddings", 2048))
+        if chosen.fit_context:  # a default budget: what the context leaves
+            chosen = replace(chosen, max_new_tokens=max(1, min(chosen.max_new_tokens, context - len(ids))))
+        check_context([ids], chosen.max_new_tokens, context)
+        text = TextStream(self.tokenizer)
+        row = Row(ids, chosen)
+        generator = Generator(self.runner, self.prompt_format.stop_ids, self.prompt_format.pad_id)
+        generator.add([row], capacity=len(ids) + chosen.max_new_tokens)
+        while generator.active:
+            seen = len(row.tokens)
+            generator.step()
+            piece = "".join(text.push(token) for token in row.tokens[seen:])
+            if piece:
+                yield piece
+        rest = text.rest()
+        if rest:
+            yield rest
+
+
+# The calls ------------------------------------------------------------------------------------------------------
+def load(folder: FolderLike, provider: str = "cpu", threads: int | None = None) -> Model:
+    """An export folder (ONNX Runtime on `provider`: cpu, cuda, tensorrt) or an engine folder (TensorRT),
+    loaded and ready to answer."""
+    opened = folder if isinstance(folder, (ExportFolder, EngineFolder)) else open_folder(folder)
+    runner = open_runner(opened, provider, threads)
+    runner.activate()
+    try:
+        return Model(opened, runner)
+    except BaseException:
+        runner.deactivate()
+        raise
+
+
+def export(model: str = "aira-tiny", precision: str = "fp32", output: str | Path | None = None, *,
+           force: bool = False, on_progress: ProgressCallback | None = None, **options: Any) -> ExportFolder:
+    """Export `model` (a --model spec) as `precision` into `output` (default export/<model>/<variant>),
+    validated against PyTorch; returns the finished folder. options: those of `plan_export` (num_layers,
+    block_size, fuse, atol, exporter, kernels, reuse_fp32). on_progress: called with each aira_opt.core.progress
+    event."""
+    return run_export(plan_export(model, precision, output, force=force, **options), on_progress=on_progress)
+
+
+def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str] | str | Path | None = None,
+          max_new_tokens: int = 32, provider: str = "cpu", threads: int | None = None,
+          baseline: str = "cpu-fp32", quiet: bool = True) -> dict[str, Any]:
+    """Parity of an export (or engine) with the PyTorch model it came from: the record `check --json` prints.
+    Its `passed` says whether the variant's thresholds were met. prompts: questions, or a file of one per
+    line (default: the built-in ones for the export's prompt format)."""
+    opened = folder if isinstance(folder, (ExportFolder, EngineFolder)) else open_folder(folder)
+    if prompts is not None and not isinstance(prompts, (str, Path)):
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            raise OptionError("no prompts to check")
+    questions = Path(prompts) if isinstance(prompts, (str, Path)) else prompts
+    return check_folder(opened, model, questions, max_new_tokens, provider, threads, baseline, quiet).to_json()

@@ -1,0 +1,274 @@
+"""The one decode loop, for every caller: `generate` (a static batch: every row added at once), `check`, bench's
+`ort` and `trt` rows, the Python API's streams, and serving's continuous batching (rows join between steps and
+leave when they end).
+
+A step chooses every row's next token, hands it to the row, ends the rows that reach a stop id or their budget or
+are cancelled, then decodes the rest one position. The batch is left-padded and right-aligned. What happens to an
+ended row is the generator's policy:
+- static (the default): it rides along with pad tokens until the last row ends, so the batch never changes shape
+  and a runner that writes its cache in place keeps doing so;
+- compact (serving): it leaves at once, and newcomers may join a running batch. Both need a runner that can move
+  its cache to the host and back (`Decoder.cache_to_host` / `cache_from_host`); columns that only padding still
+  uses are trimmed.
+Either way a row's tokens are the ones it would get alone: it keeps its own options, generator and history (the
+repetition penalty sees only its own prompt and tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from aira_opt.core.contract import position_ids_from_mask
+from aira_opt.core.errors import PromptTooLongError
+from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next_per_row
+from aira_opt.runtime.runner import Decoder, KVCache
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int
+    sampling: SamplingSettings = GREEDY
+    seed: int | None = None
+    num_return_sequences: int = 1
+    ignore_eos: bool = False  # bench: every run produces exactly max_new_tokens
+    fit_context: bool = False  # a default max_new_tokens: shorten it to what the context leaves, never fail
+
+
+# Called with each token a row chooses; returning False ends the row there (a client that left).
+TokenCallback = Callable[[int], "bool | None"]
+STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a row ended
+
+
+@dataclass
+class Row:
+    """One sequence: its prompt (already in the model's prompt format), options, and what it has made so far."""
+
+    prompt: list[int]
+    options: GenerateOptions
+    on_token: TokenCallback | None = None
+    rng: np.random.Generator = field(default=None)  # type: ignore[assignment]  # default: from options.seed
+    tokens: list[int] = field(default_factory=list)
+    ended: str | None = None  # STOP, LENGTH or CANCELLED once it has ended
+
+    def __post_init__(self) -> None:
+        if self.rng is None:
+            self.rng = np.random.default_rng(self.options.seed)
+
+    def cancel(self) -> None:
+        """End the row before its next token (its client left)."""
+        if self.ended is None:
+            self.ended = CANCELLED
+
+
+def supports_host_cache(model: Decoder) -> bool:
+    """Whether the runner can hand its cache to the host and take it back (rows joining and leaving need it)."""
+    return hasattr(model, "cache_to_host") and hasattr(model, "cache_from_host")
+
+
+class Generator:
+    """The running batch of one decoder: `add` rows, then `step` until `active` is 0."""
+
+    def __init__(self, model: Decoder, stop_ids: int | Sequence[int], pad_id: int, compact: bool = False):
+        self.model = model
+        self.stops = np.array([stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids),
+                              dtype=np.int64)
+        self.pad_id = pad_id
+        self.compact = compact and supports_host_cache(model)
+        self.rows: list[Row] = []  # the batch, in order (static: ended rows stay until the last ends)
+        self.cache: KVCache | None = None  # [B, kv_heads, T, head_dim] per layer tensor, in the runner's memory
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # [B, T]: left padding 0, then the row's positions
+        self.logits = np.zeros((0, 0), dtype=np.float32)  # [B, V]: where each row's next token comes from
+        self.prefill_seconds: list[float] = []  # one per prefill (each `add`)
+        self.decode_seconds: list[float] = []  # one per decode step (the whole batch)
+        self.padded_prompt_length = 0  # the first prefill's width
+
+    @property
+    def active(self) -> int:
+        """Rows still generating."""
+        return sum(row.ended is None for row in self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows may be added while others run (compact, on a runner with host cache access)."""
+        return self.compact
+
+    def add(self, rows: Sequence[Row], capacity: int | None = None) -> None:
+        """Prefill `rows` together and put them in the batch. capacity: every position this batch will fill (the
+        longest prompt plus the largest budget), so a runner that can preallocates its cache once."""
+        rows = list(rows)
+        if not rows:
+            return
+        input_ids, mask = left_pad([r.prompt for r in rows], self.pad_id)  # [N, S]
+        if self.active == 0:
+            self.rows = rows
+            self.cache = self.model.empty_cache(len(rows), None if self.compact else capacity)
+            self.logits, self.cache = self._forward(input_ids, mask, self.prefill_seconds)
+            self.mask, self.padded_prompt_length = mask, self.padded_prompt_length or input_ids.shape[1]
+            return
+        if not self.can_join:
+            raise ValueError("rows can join a running batch only in a compact generator over a runner with host "
+                             "cache access")
+        fresh = self.model.empty_cache(len(rows))
+        self.cache, running = fresh, self.cache
+        logits, cache = self._forward(input_ids, mask, self.prefill_seconds)
+        new = self.model.cache_to_host(cache)  # type: ignore[attr-defined]  # each [N, kv, S, D]
+        old = self.model.cache_to_host(running)  # type: ignore[attr-defined]  # each [B, kv, T, D]
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = np.concatenate([_pad_left(self.mask, width), _pad_left(mask, width)])  # [B + N, width]
+        self.cache = self.model.cache_from_host(  # type: ignore[attr-defined]
+            [np.concatenate([_pad_left(a, width, axis=2), _pad_left(b, width, axis=2)]) for a, b in zip(old, new)])
+        self.logits = np.concatenate([self.logits, logits])
+        self.rows += rows
+
+    def step(self) -> list[Row]:
+        """Choose every row's next token, hand each to its row, end the rows that are done, decode the others.
+        Returns the rows that ended in this step."""
+        if self.active == 0:
+            return []
+        chosen = select_next_per_row(self.logits, self._history(), [r.options.sampling for r in self.rows],
+                                     [r.rng for r in self.rows])  # [B]
+        ended = []
+        for i, row in enumerate(self.rows):
+            if row.ended is not None:  # static: an ended row carries a pad
+                chosen[i] = self.pad_id
+                continue
+            token = int(chosen[i])
+            row.tokens.append(token)
+            if row.on_token is not None and row.on_token(token) is False:
+                row.ended = CANCELLED
+            elif token in self.stops and not row.options.ignore_eos:
+                row.ended = STOP
+            elif len(row.tokens) >= row.options.max_new_tokens:
+                row.ended = LENGTH
+            if row.ended is not None:
+                ended.append(row)
+        if self.compact and ended:
+            keep = [i for i, row in enumerate(self.rows) if row.ended is None]
+            self._keep(keep)
+            chosen = chosen[keep]
+        if self.active == 0:
+            return ended
+        self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), dtype=np.int64)], axis=1)  # [B, T + 1]
+        self.logits, self.cache = self._forward(chosen[:, None], self.mask, self.decode_seconds)
+        return ended
+
+    def run(self) -> None:
+        """Step until every row has ended."""
+        while self.active:
+            self.step()
+
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, timings: list[float]) -> tuple[np.ndarray, KVCache]:
+        """One step of the runner. input_ids: [B, S]; mask: [B, past + S] -> last logits [B, V] and the cache."""
+        assert self.cache is not None
+        out, cache = self.model.step(input_ids, mask, position_ids_from_mask(mask, input_ids.shape[1]), self.cache)
+        timings.append(out.seconds)
+        return out.logits, cache
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only the rows at `keep`; padding columns no row needs any more are trimmed."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask, self.logits = None, np.zeros((0, 0), dtype=np.int64), self.logits[:0]
+            return
+        mask = self.mask[keep]
+        start = int(np.argmax(mask.any(axis=0)))  # the first column some row still attends to
+        self.mask, self.logits = mask[:, start:], self.logits[keep]
+        self.cache = self.model.cache_from_host(  # type: ignore[attr-defined]
+            [a[keep][:, :, start:] for a in self.model.cache_to_host(self.cache)])  # type: ignore[attr-defined]
+
+    def _history(self) -> np.ndarray:
+        """Each row's prompt and tokens so far, [B, L], padded on the left with the row's own first id (the
+        repetition penalty treats a token once however often it occurs, so the padding changes nothing)."""
+        seen = [row.prompt + row.tokens for row in self.rows]
+        width = max(len(s) for s in seen)
+        return np.array([[s[0]] * (width - len(s)) + s for s in seen], dtype=np.int64)
+
+
+# A static batch --------------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    prompts: list[list[int]]  # one per returned sequence (prompts repeated num_return_sequences times)
+    tokens: list[list[int]]  # new tokens per sequence, up to and including the stop id when one was produced
+    finished: list[bool]  # True where the sequence ended at a stop id
+    prefill_seconds: float
+    decode_seconds: list[float]  # one per decode step (the whole batch)
+    padded_prompt_length: int
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.prefill_seconds * 1000
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second per sequence during decode (the first token comes from the prefill)."""
+        total = sum(self.decode_seconds)
+        return len(self.decode_seconds) / total if total > 0 else float("nan")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids, attention_mask: [B, S] with S the longest prompt; shorter prompts padded on the left."""
+    width = max(len(p) for p in prompts)
+    input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = ids
+        mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def check_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int) -> None:
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise PromptTooLongError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {context}; "
+            "shorten the prompt or lower --max-new-tokens"
+        )
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, stop_ids: int | Sequence[int],
+             pad_id: int, on_token: Callable[[int, int], bool | None] | None = None) -> GenerationResult:
+    """A static batch of tokenized prompts (each already in the model's prompt format) to its end; a sequence
+    ends at any of `stop_ids`. on_token(row, token) is called as each token is chosen; False ends that row.
+    The rows share one generator seeded by options.seed, drawing in row order."""
+    if not prompts:
+        raise ValueError("no prompts")
+    if options.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    context = int(model.config.get("max_position_embeddings", 2048))
+    if options.fit_context:
+        room = context - max(len(p) for p in prompts)
+        options = replace(options, max_new_tokens=max(1, min(options.max_new_tokens, room)))
+    check_context(prompts, options.max_new_tokens, context)
+    rng = np.random.default_rng(options.seed)
+    expanded = [list(p) for p in prompts for _ in range(options.num_return_sequences)]
+    rows = [Row(p, options, None if on_token is None else (lambda t, i=i: on_token(i, t)), rng=rng)
+            for i, p in enumerate(expanded)]
+    return run_rows(model, rows, stop_ids, pad_id)
+
+
+def run_rows(model: Decoder, rows: Sequence[Row], stop_ids: int | Sequence[int], pad_id: int) -> GenerationResult:
+    """Rows that each bring their own options and generator (a server's requests batched on arrival), as one
+    static batch to its end. Each must already fit the context with its budget."""
+    if not rows or any(r.options.max_new_tokens < 1 for r in rows):
+        raise ValueError("one row per prompt, each with max_new_tokens >= 1")
+    generator = Generator(model, stop_ids, pad_id)
+    capacity = max(len(r.prompt) for r in rows) + max(r.options.max_new_tokens for r in rows)
+    generator.add(rows, capacity)
+    generator.run()
+    return GenerationResult(prompts=[list(r.prompt) for r in rows], tokens=[list(r.tokens) for r in rows],
+                            finished=[r.ended == STOP for r in rows], prefill_seconds=sum(generator.prefill_seconds),
+                            decode_seconds=generator.decode_seconds,
+                            padded_prompt_length=generator.padded_prompt_length)
+
+
+def _pad_left(array: np.ndarray, width: int, axis: int = 1) -> np.ndarray:
+    """Zeros on the left of `axis` up to `width` (mask columns or cache positions nobody attends to)."""
+    missing = width - array.shape[axis]
+    if missing == 0:
+        return array
+    shape = list(array.shape)
+    shape[axis] = missing
+    return np.concatenate([np.zeros(shape, dtype=array.dtype), array], axis=axis)

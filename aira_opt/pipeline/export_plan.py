@@ -1,0 +1,110 @@
+"""An export, planned: every option checked once, against the variant's record, before anything is loaded. The
+CLI and the Python API both plan this way, so a bad option is one line before a minute of model loading."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from aira_opt.core.artifacts import refuse_existing
+from aira_opt.core.errors import OptionError
+from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS, Exporter
+from aira_opt.folders import default_export_path
+from aira_opt.precision.kernels import KernelCandidate, candidates
+from aira_opt.precision.recipe import WeightOnlySettings
+from aira_opt.precision.variants import VARIANTS, Tolerance, Variant, exportable_names, source_variant, variant
+from aira_opt.spec.models import check_spec, model_name
+
+KERNEL_MODES = ("auto", "default")  # time the candidates, or take the variant's default untimed
+
+
+def kernel_choices() -> list[str]:
+    """`--kernels` values: auto, default, and every candidate of every variant that has a choice."""
+    names = {c.name for v in VARIANTS.values() if v.kernel_tuning and v.weight_only
+             for c in candidates(v.kernel_candidates, v.weight_only, False)}
+    return [*KERNEL_MODES, *sorted(names)]
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """One export, decided: what to load, which recipe with which settings, where it goes."""
+
+    model: str  # the --model spec
+    num_layers: int | None  # depth override of a random preset
+    variant: Variant
+    output: Path
+    force: bool
+    exporter: Exporter
+    settings: WeightOnlySettings | None  # MatMulNBits settings (int8/int4), block size applied
+    block_size: int | None  # as asked for (None: the variant's default)
+    fused: bool
+    tolerance: Tolerance  # the post-export sanity bar
+    kernels: str  # auto, default, or a candidate's name
+    kernel_candidates: tuple[KernelCandidate, ...]  # () for variants without a kernel choice
+    reuse_fp32: Path | None  # an fp32 export whose graph the recipe may start from, when it matches the model
+
+    @property
+    def folder_name(self) -> str:
+        return self.variant.folder_name(self.block_size, self.fused)
+
+    def describe(self) -> str:
+        return (f"{self.model} as {self.folder_name} ({self.exporter.description}) -> {self.output}"
+                + (f", kernels {self.kernels}" if self.kernel_candidates else ""))
+
+
+def plan_export(model: str = "aira-tiny", precision: str = "fp32", output: Path | str | None = None, *,
+                num_layers: int | None = None, force: bool = False, block_size: int | None = None,
+                fuse: bool | None = None, atol: float | None = None, exporter: str = DEFAULT_EXPORTER,
+                kernels: str | None = None, reuse_fp32: bool | str | Path = True) -> ExportPlan:
+    """Check every option and decide the export; nothing is loaded.
+
+    block_size: int8/int4 MatMulNBits block; fuse: None for the variant's default; atol: overrides the fp32
+    sanity bar's max |logit diff|; exporter: a key of export.exporters.EXPORTERS; kernels: 'auto' times the
+    variant's kernel candidates on this CPU, 'default' skips that, a candidate's name forces it (None:
+    $AIRA_OPT_KERNELS, else 'auto'); reuse_fp32: start from export/<model>/fp32 (True), from this fp32 export
+    folder (a path), or never (False), where the folder matches the model."""
+    if exporter not in EXPORTERS:
+        raise OptionError(f"unknown exporter '{exporter}'; choose {', '.join(EXPORTERS)}")
+    by = EXPORTERS[exporter]
+    by.check_available()  # a missing extra is an error before the slow model load
+    record = variant(precision)
+    if record.recipe is None:
+        raise OptionError(f"{precision} is made outside aira-opt; export one of {', '.join(exportable_names())}")
+    check_spec(model, num_layers)
+    settings = record.settings(block_size)
+    fused = record.fused(fuse)
+    if atol is not None and atol <= 0:
+        raise OptionError(f"--atol must be positive, got {atol}")
+    tolerance = record.tolerance if atol is None else Tolerance(atol=atol, min_cosine=record.tolerance.min_cosine)
+    kernels = kernels or os.environ.get("AIRA_OPT_KERNELS") or "auto"
+    options = _kernel_candidates(record, settings, block_size, kernels)
+    name = model_name(model, num_layers)
+    output = Path(output) if output is not None else default_export_path(name, record.folder_name(block_size, fused))
+    refuse_existing(output, force)
+    if record.is_source_graph or reuse_fp32 is False:
+        reuse = None
+    elif reuse_fp32 is True:
+        reuse = default_export_path(name, source_variant().folder_name())
+    else:
+        reuse = Path(reuse_fp32)
+    return ExportPlan(model=model, num_layers=num_layers, variant=record, output=output, force=force, exporter=by,
+                      settings=settings, block_size=block_size, fused=fused, tolerance=tolerance, kernels=kernels,
+                      kernel_candidates=tuple(options), reuse_fp32=reuse)
+
+
+def _kernel_candidates(record: Variant, settings: WeightOnlySettings | None, block_size: int | None,
+                       kernels: str) -> list[KernelCandidate]:
+    """The kernel candidates an export chooses from (none for variants without a choice); a --kernels name that
+    is not one of them is a one-line error."""
+    if not record.kernel_tuning or settings is None:
+        if kernels not in KERNEL_MODES:
+            tuned = [v.name for v in VARIANTS.values() if v.kernel_tuning]
+            raise OptionError(f"--kernels {kernels} applies to --precision {' or '.join(tuned)} only")
+        return []
+    options = candidates(record.kernel_candidates, settings, block_size is not None)
+    if kernels not in (*KERNEL_MODES, *(c.name for c in options)):
+        raise OptionError(f"--kernels {kernels} is not a choice for {record.name}"
+                          + (" with --block-size" if block_size is not None else "")
+                          + f"; choose auto, default or {', '.join(c.name for c in options)}")
+    return options
