@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, overload
 
-from aira_opt.check.parity import check_folder
+from aira_opt.parity import check_folder
 from aira_opt.core.errors import AiraOptError, OptionError
 from aira_opt.core.progress import ProgressCallback
 from aira_opt.folders import EngineFolder, ExportFolder, open_folder
@@ -30,7 +30,7 @@ from aira_opt.pipeline.export_plan import ExportPlan, plan_export
 from aira_opt.pipeline.export_run import run_export
 from aira_opt.runners import open_runner
 from aira_opt.runtime.runner import Decoder
-from aira_opt.spec.prompts import decode_answer, prompt_ids
+from aira_opt.source.prompts import decode_answer, prompt_ids
 
 __all__ = ["load", "export", "plan_export", "run_export", "check", "Model", "Answer", "ExportFolder", "EngineFolder",
            "ExportPlan", "AiraOptError"]
@@ -117,6 +117,8 @@ class Model:
         """The answer to one question (a str), or one per question for a list. With num_return_sequences above 1,
         a list of answers per question. Options: see `options`."""
         single = isinstance(prompt, str)
+        if not single and not isinstance(prompt, Sequence):
+            raise OptionError(f"a prompt must be a str or a list of str, got {type(prompt).__name__}")
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise OptionError("no prompts to answer")

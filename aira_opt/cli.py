@@ -17,10 +17,10 @@ from aira_opt.bench.backends import RUNNERS, BenchSources
 from aira_opt.bench.jobs import plan_jobs
 from aira_opt.bench.measure import Setting, run_bench
 from aira_opt.bench.report import render_text, report_json, write_outputs
-from aira_opt.check.parity import BASELINES, check_folder, report_table
+from aira_opt.parity import BASELINES, check_folder, report_table
 from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
 from aira_opt.core.progress import print_progress
-from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
+from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.folders import ExportFolder
 from aira_opt.inspection import inspect_folder
 from aira_opt.pipeline.export_plan import kernel_choices, plan_export
@@ -30,7 +30,7 @@ from aira_opt.runners import chosen_folder
 from aira_opt.runtime.providers import PROVIDERS
 from aira_opt.serve.repository import ServingOptions, write_repository
 from aira_opt.serve.server import LOCAL_HOST, Ports, serve_folder
-from aira_opt.spec.models import spec_name
+from aira_opt.source.models import spec_name
 from aira_opt.tensorrt.build_plan import TARGETS, BuildOptions, describe_plan, make_plan
 from aira_opt.tensorrt.engines import build_engine
 

@@ -15,11 +15,11 @@ from typing import Any
 from aira_opt.core.artifacts import MANIFEST, read_manifest, sha256_file, unlisted_files, verify_manifest
 from aira_opt.core.contract import DecoderContract
 from aira_opt.core.errors import ExportFolderError
-from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
-from aira_opt.export.portable import read_metadata
-from aira_opt.export.support import read_format, read_generation_config
+from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
+from aira_opt.exporting.portable import read_metadata
+from aira_opt.exporting.support import read_format, read_generation_config
 from aira_opt.precision.variants import Variant, variant
-from aira_opt.spec.prompts import PromptFormat
+from aira_opt.source.prompts import PromptFormat
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
@@ -38,7 +38,7 @@ class Manifest:
 
     precision: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sha256 and bytes
-    source_model: dict[str, Any] = field(default_factory=dict)  # spec.models.LoadedModel.describe()
+    source_model: dict[str, Any] = field(default_factory=dict)  # source.models.LoadedModel.describe()
     target: str = ""
     prompt_format: dict[str, Any] | None = None
     opset: int | None = None

@@ -18,10 +18,10 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-from aira_opt.check.parity import load_questions, run_check
+from aira_opt.parity import load_questions, run_check
 from aira_opt.core.contract import DecoderContract
-from aira_opt.export.onnx_files import save_model
-from aira_opt.export.support import model_format
+from aira_opt.exporting.onnx_files import save_model
+from aira_opt.exporting.support import model_format
 from aira_opt.precision.dynamic_int8 import quantize_dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_sequences
@@ -29,7 +29,7 @@ from aira_opt.precision.smoothing import smooth, smooth_groups
 from aira_opt.precision.validate import validate_against_torch
 from aira_opt.precision.variants import VARIANTS
 from aira_opt.runtime.ort import OrtDecoder
-from aira_opt.spec.models import load_model
+from aira_opt.source.models import load_model
 
 # label -> (SmoothQuant alpha or None, MatMul name parts kept as MatMulNBits 8-bit, 7-bit weights)
 RECIPES = {

@@ -30,7 +30,7 @@ INT4_FROM_FP32 = """
 import sys
 from pathlib import Path
 from aira_opt.precision.pipeline import export_model
-from aira_opt.spec.models import load_model
+from aira_opt.source.models import load_model
 model, fp32, out, exporter = sys.argv[1:5]
 export_model(load_model(model), "int4", Path(out), force=True, quiet=True, reuse_fp32=Path(fp32), exporter_name=exporter)
 """

@@ -14,7 +14,7 @@ from aira_opt.core.cpu import machine_key
 from aira_opt.core.tables import markdown_table
 from aira_opt.precision.kernels import KernelCandidate, REFERENCE_PROMPT, time_candidate, layer_shapes
 from aira_opt.precision.variants import VARIANTS
-from aira_opt.spec.models import load_model
+from aira_opt.source.models import load_model
 
 
 def candidates() -> list[tuple[str, KernelCandidate]]:

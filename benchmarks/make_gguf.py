@@ -19,7 +19,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from aira_opt.spec.models import cache_dir
+from aira_opt.source.models import cache_dir
 
 QUANT_TYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
                "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",

@@ -18,14 +18,14 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from aira_opt.core.contract import DecoderContract
-from aira_opt.export.onnx_files import save_model
-from aira_opt.export.support import model_format, write_support_files
+from aira_opt.exporting.onnx_files import save_model
+from aira_opt.exporting.support import model_format, write_support_files
 from aira_opt.precision.graph import weight_matmuls
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_sequences
 from aira_opt.precision.smoothing import smooth, smooth_groups
 from aira_opt.precision.validate import validate_against_torch
 from aira_opt.precision.variants import Tolerance
-from aira_opt.spec.models import load_model
+from aira_opt.source.models import load_model
 
 # (alpha or None for no smoothing, smooth the down_proj input too, MatMul name parts kept fp32)
 SETTINGS = [

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-from aira_opt.check.parity import load_questions, run_check
-from aira_opt.export.onnx_files import save_model
-from aira_opt.export.support import model_format, write_support_files
+from aira_opt.parity import load_questions, run_check
+from aira_opt.exporting.onnx_files import save_model
+from aira_opt.exporting.support import model_format, write_support_files
 from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.recipe import WeightOnlySettings
@@ -27,7 +27,7 @@ from aira_opt.precision.validate import validate_against_torch
 from aira_opt.precision.variants import Tolerance
 from aira_opt.precision.weight_only import quantize_weight_only
 from aira_opt.runtime.ort import OrtDecoder
-from aira_opt.spec.models import load_model
+from aira_opt.source.models import load_model
 
 # label -> (bits, block size, symmetric, accuracy level, algorithm); "ours" is the export's own recipe
 # (quantize_weight_only: weights on a 4-bit source grid keep it), "rtn" rounds every weight again.

@@ -21,7 +21,7 @@ def _no_working_directory_files(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from aira_opt.spec.models import load_model
+    from aira_opt.source.models import load_model
 
     return load_model("aira-tiny")
 

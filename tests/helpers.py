@@ -10,7 +10,7 @@ import onnxruntime as ort
 from aira_opt.generation.generator import GenerateOptions
 from aira_opt.generation.sampling import GREEDY as GREEDY_SAMPLING
 from aira_opt.runtime.pytorch import HF_GREEDY
-from aira_opt.spec.corpus import training_pairs
+from aira_opt.source.corpus import training_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -122,9 +122,10 @@ def test_genai_rows_run_with_the_bench_thread_settings(tiny_export, tmp_path):
 def test_llamacpp_rows_skip_with_their_reason_without_a_gguf_or_without_llama_cpp(tiny_export, tmp_path, monkeypatch):
     import importlib.util
 
+    from aira_opt.bench.backends import BenchSources
     from aira_opt.bench.jobs import plan_jobs
 
-    plan = plan_jobs("aira-tiny", None, [tiny_export], [], [], ["ort", "llamacpp"])
+    plan = plan_jobs(BenchSources("aira-tiny", onnx_dirs=[tiny_export]), ["ort", "llamacpp"])
     assert [j.label for j in plan.jobs] == ["ort fp32"]
     assert plan.skipped == [{"backend": "llamacpp", "reason": plan.skipped[0]["reason"]}]
     assert "--gguf" in plan.skipped[0]["reason"] and "make_gguf.py" in plan.skipped[0]["reason"]
@@ -133,5 +134,5 @@ def test_llamacpp_rows_skip_with_their_reason_without_a_gguf_or_without_llama_cp
                         lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    plan = plan_jobs("aira-tiny", None, [tiny_export], [], [], ["llamacpp"], gguf_files=[gguf])
+    plan = plan_jobs(BenchSources("aira-tiny", onnx_dirs=[tiny_export], gguf_files=[gguf]), ["llamacpp"])
     assert not plan.jobs and "build_llamacpp.sh" in plan.skipped[0]["reason"]

@@ -16,7 +16,7 @@ from onnx import TensorProto
 from aira_opt.cli import main
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.runtime.ort import OrtDecoder
-from aira_opt.spec.prompts import prompt_ids
+from aira_opt.source.prompts import prompt_ids
 
 CUDA_VARIANTS = ("fp16-cuda", "int4-cuda")
 
@@ -36,6 +36,8 @@ def test_the_cuda_graph_is_fused_fp16_with_fp32_logits(tiny_variants, precision)
         assert ops["MatMulNBits"] == 3 * 4 + 1 and ops["MatMul"] == 0
     manifest = json.loads((tiny_variants[precision] / "manifest.json").read_text())
     assert manifest["graph"]["fused"] and "CUDA" in manifest["graph"]["runtime"]
+    genai = json.loads((tiny_variants[precision] / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]  # made for a GPU
 
 
 @pytest.mark.parametrize("precision", CUDA_VARIANTS)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from aira_opt.cli import main
 from aira_opt.core.contract import position_ids_from_mask
-from aira_opt.generation.chat import settings_from_folder
+from aira_opt.folders import ExportFolder
+from aira_opt.generation.defaults import generate_options
 from aira_opt.generation.generator import generate, left_pad
 from aira_opt.generation.sampling import (
     apply_repetition_penalty,
@@ -23,8 +24,8 @@ from aira_opt.generation.sampling import (
     apply_top_p,
 )
 from aira_opt.runtime.runner import CacheCapacityError, KVCache
-from aira_opt.spec.models import PRESETS, bundled_model_dir, known_specs
-from aira_opt.spec.prompts import DEFAULT_CHECK_PROMPTS, prompt_ids
+from aira_opt.source.models import PRESETS, bundled_model_dir, known_specs
+from aira_opt.source.prompts import DEFAULT_CHECK_PROMPTS, prompt_ids
 from aira_opt.tensorrt.build_plan import BuildOptions
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -61,7 +62,7 @@ def test_build_with_every_default_plans_for_the_bundled_model(tiny_variants):
 
 
 def test_the_default_max_new_tokens_shortens_to_fit_a_long_prompt(tiny, tiny_decoder, tiny_export):
-    options = settings_from_folder(tiny_export, greedy=True)  # the card's 200 new tokens, not given by the user
+    options = generate_options(ExportFolder(tiny_export).generation_config, greedy=True)  # the card's 200 new tokens, not given by the user
     prompt = [1] + [50] * 450 + [3]                            # 452 of aira-tiny's 512 positions
     result = generate(tiny_decoder, [prompt], options, tiny.tokenizer.eos_token_id, tiny.tokenizer.pad_token_id)
     assert 1 <= len(result.tokens[0]) <= 512 - len(prompt)

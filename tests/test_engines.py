@@ -28,7 +28,7 @@ from aira_opt.tensorrt.build_plan import (
     profile_for,
 )
 from aira_opt.core.errors import AiraOptError
-from aira_opt.spec.models import PRESETS
+from aira_opt.source.models import PRESETS
 
 AIRA_1B = PRESETS["aira-2-1b1-random"]
 BIG = DecoderContract(AIRA_1B.num_hidden_layers, AIRA_1B.num_key_value_heads, AIRA_1B.head_dim, AIRA_1B.vocab_size)
@@ -225,18 +225,21 @@ def test_engine_matches_pytorch_on_gpu(tiny_variants, precision, tmp_path):
 
 
 def test_engine_sidecar_describes_the_build_and_inspect_verifies_the_plan(tiny_variants, tmp_path):
-    from aira_opt.tensorrt.engines import PLAN_FILE, SIDECAR, engine_sidecar
+    from aira_opt.folders import PLAN_FILE, SIDECAR, EngineFolder
+    from aira_opt.tensorrt.engines import engine_record
 
     plan = make_plan(tiny_variants["fp16"], BuildOptions(max_seq=64, max_context=512))
     folder = tmp_path / "engine"
     folder.mkdir()
     (folder / PLAN_FILE).write_bytes(b"not a real plan, but bytes to hash")
     shutil.copy2(tiny_variants["fp16"] / "config.json", folder / "config.json")
-    sidecar = engine_sidecar(plan, "11.4.0", "NVIDIA H200", (9, 0), "AMPERE_PLUS", folder / PLAN_FILE, 12.3)
-    (folder / SIDECAR).write_text(json.dumps(sidecar))
-    assert sidecar["hardware_compatibility_level"] == "AMPERE_PLUS" and sidecar["compute_capability"] == "9.0"
-    assert [p["name"] for p in sidecar["profiles"]] == ["prefill", "decode"]
-    assert set(sidecar["sha256"]) == {"plan", "onnx"} and "input_ids" in sidecar["inputs"]
+    written = engine_record(plan, "11.4.0", "NVIDIA H200", (9, 0), "AMPERE_PLUS", folder / PLAN_FILE, 12.3)
+    (folder / SIDECAR).write_text(json.dumps(written.to_json()))
+    record = EngineFolder(folder).record  # read back as every reader sees it
+    assert record == written and record.variant.name == "fp16"
+    assert record.hardware_compatibility_level == "AMPERE_PLUS" and record.compute_capability == "9.0"
+    assert [p["name"] for p in record.profiles] == ["prefill", "decode"]
+    assert set(record.sha256) == {"plan", "onnx"} and "input_ids" in record.inputs
     result = CliRunner().invoke(main, ["inspect", str(folder)])
     assert result.exit_code == 0 and "plan sha256: matches" in result.output
     (folder / PLAN_FILE).write_bytes(b"tampered")

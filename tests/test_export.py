@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from aira_opt.cli import main
 from aira_opt.core.artifacts import verify_manifest
 from aira_opt.core.contract import DecoderContract, position_ids_from_mask
-from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
+from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from helpers import run_numpy
 
 
@@ -110,7 +110,7 @@ def test_interrupted_export_leaves_nothing_half_written(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_run, "validate_export", interrupted)
-    from aira_opt.spec.models import load_model
+    from aira_opt.source.models import load_model
 
     with pytest.raises(KeyboardInterrupt):
         export_model(load_model("aira-tiny"), "fp32", tmp_path / "out", quiet=True)

@@ -18,7 +18,7 @@ import pytest
 
 from aira_opt.core.contract import DecoderContract, empty_past, position_ids_from_mask
 from aira_opt.core.errors import MissingExtraError
-from aira_opt.export.exporters import EXPORTERS
+from aira_opt.exporting.exporters import EXPORTERS
 
 VARIANTS = ("fp32", "fp32-fused", "fp16", "int8-qdq", "int4")
 
@@ -139,8 +139,8 @@ def test_a_tied_embedding_is_stored_once_and_tying_again_changes_nothing(tiny, t
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aira_opt.export.exporters import DEFAULT_EXPORTER, tie_embeddings
-    from aira_opt.spec.models import LoadedModel
+    from aira_opt.exporting.exporters import DEFAULT_EXPORTER, tie_embeddings
+    from aira_opt.source.models import LoadedModel
 
     config = LlamaConfig(**{**tiny.config.to_dict(), "tie_word_embeddings": True})
     torch.manual_seed(0)

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.spec.corpus import training_pairs
-from aira_opt.spec.models import AIRA_TOKENS
-from aira_opt.spec.prompts import conversation_ids, detect_format, prompt_ids
+from aira_opt.source.corpus import training_pairs
+from aira_opt.source.models import AIRA_TOKENS
+from aira_opt.source.prompts import conversation_ids, detect_format, prompt_ids
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
@@ -199,7 +199,7 @@ def test_a_gguf_of_another_architecture_is_refused(tmp_path):
 
 
 def test_a_packaged_model_that_is_not_installed_says_the_command(monkeypatch):
-    import aira_opt.spec.models as models
+    import aira_opt.source.models as models
 
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     result = CliRunner().invoke(main, ["export", "--model", "smollm2-135m"])

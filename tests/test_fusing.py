@@ -17,7 +17,7 @@ from aira_opt.core.contract import DecoderContract
 from aira_opt.precision.fusing import FusionError, fuse_attention
 from aira_opt.generation.generator import generate
 from aira_opt.precision.variants import variant_name
-from aira_opt.spec.prompts import prompt_ids
+from aira_opt.source.prompts import prompt_ids
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.runtime.ort import OrtDecoder
 
@@ -179,7 +179,7 @@ def test_fusion_follows_other_llama_shapes_and_rope_scalings(tiny, tmp_path, sha
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from helpers import export_model
-    from aira_opt.spec.models import load_model
+    from aira_opt.source.models import load_model
 
     extra = {
         "mha-linear-rope": {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},

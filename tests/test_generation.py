@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from aira_opt.cli import main
 from aira_opt.core.errors import PromptTooLongError, ProviderUnavailableError
 from aira_opt.generation.generator import GenerateOptions, generate, left_pad
-from aira_opt.spec.prompts import DEFAULT_CHECK_PROMPTS, decode_answer, prompt_ids, text_ids
+from aira_opt.source.prompts import DEFAULT_CHECK_PROMPTS, decode_answer, prompt_ids, text_ids
 from aira_opt.runtime.providers import resolve_provider
 from aira_opt.generation.sampling import SamplingSettings
 

@@ -33,14 +33,18 @@ def op_types(folder) -> set[str]:
 
 
 def test_candidates_put_the_default_first_and_leave_dynamic_int8_to_int8_without_blocks():
-    int8, int4 = VARIANTS["int8"].weight_only, VARIANTS["int4"].weight_only
-    assert [c.name for c in candidates("int8", int8, False)] == ["matmulnbits", "matmulnbits-fp32", "dynamic"]
-    assert candidates("int8", int8, False)[0].weight_only == int8  # the variant's default settings, unchanged
-    assert [c.name for c in candidates("int8", int8, True)] == ["matmulnbits", "matmulnbits-fp32"]
-    assert [c.name for c in candidates("int4", int4, False)] == ["matmulnbits", "matmulnbits-fp32"]
-    fp32_compute = candidates("int4", int4, False)[1]
+    int8, int4 = VARIANTS["int8"], VARIANTS["int4"]
+
+    def names(record, blocks):
+        return [c.name for c in candidates(record.kernel_candidates, record.weight_only, blocks)]
+
+    assert names(int8, False) == ["matmulnbits", "matmulnbits-fp32", "dynamic"]
+    assert candidates(int8.kernel_candidates, int8.weight_only, False)[0].weight_only == int8.weight_only  # unchanged
+    assert names(int8, True) == ["matmulnbits", "matmulnbits-fp32"]
+    assert names(int4, False) == ["matmulnbits", "matmulnbits-fp32"]
+    fp32_compute = candidates(int4.kernel_candidates, int4.weight_only, False)[1]
     assert fp32_compute.weight_only.accuracy_level == 1 and fp32_compute.same_numerics
-    assert not candidates("int8", int8, False)[2].same_numerics  # activations quantized per tensor
+    assert not candidates(int8.kernel_candidates, int8.weight_only, False)[2].same_numerics  # per-tensor activations
 
 
 def test_layer_shapes_are_the_fused_exports_packed_matmuls(tiny):
@@ -52,7 +56,7 @@ def test_layer_shapes_are_the_fused_exports_packed_matmuls(tiny):
 
 
 def test_choice_is_timed_fastest_first_then_read_back_from_the_per_machine_cache(tiny, small_probe, monkeypatch):
-    options = candidates("int8", VARIANTS["int8"].weight_only, False)
+    options = candidates(VARIANTS["int8"].kernel_candidates, VARIANTS["int8"].weight_only, False)
     choice = choose_kernels(options, tiny.config, threads=1, quiet=True)
     measured = choice.record["measured_ms_per_layer"]
     assert set(measured) == {c.name for c in options}
@@ -109,7 +113,7 @@ def test_a_faster_kernel_that_misses_the_sanity_bar_gives_way_to_the_next(tiny, 
     errors = {name: export_model(tiny, "int8", tmp_path / name, quiet=True, reuse_fp32=tiny_export, kernels=name)
               ["validation"]["max_abs_logit_diff"] for name in ("dynamic", "matmulnbits")}
     assert errors["matmulnbits"] < errors["dynamic"]  # per-block weights, no activation rounding
-    options = candidates("int8", VARIANTS["int8"].weight_only, False)
+    options = candidates(VARIANTS["int8"].kernel_candidates, VARIANTS["int8"].weight_only, False)
     shapes = layer_shapes(tiny.config)
     fake = {"dynamic": 1.0, "matmulnbits": 2.0, "matmulnbits-fp32": 3.0}
     kernels._write_cache({probe_key(shapes, c, None): {"decode_ms": fake[c.name], "prefill_ms": fake[c.name],

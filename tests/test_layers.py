@@ -44,8 +44,12 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_our_modules_are_imported_at_the_top_of_each_file():
+    """Except the package's own __init__, which imports the API on first use so `import aira_opt` stays light
+    (the serving path runs without PyTorch)."""
     late = []
     for path in sorted((ROOT / "aira_opt").rglob("*.py")):
+        if path == ROOT / "aira_opt" / "__init__.py":
+            continue
         tree = ast.parse(path.read_text())
         top = set(map(id, tree.body))
         for node in ast.walk(tree):
@@ -54,3 +58,24 @@ def test_our_modules_are_imported_at_the_top_of_each_file():
                 if any(n == "aira_opt" or n.startswith("aira_opt.") for n in names):
                     late.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert late == []
+
+
+def test_no_module_but_the_variant_records_compares_a_precision_name():
+    """Every decision about a precision reads its Variant record (precision/variants.py); a module that tests a
+    precision's name (`precision == "fp16"`, `in ("int4", ...)`) is how genai_config.json once gave the CUDA
+    graphs a CPU provider."""
+    from aira_opt.precision.variants import VARIANTS
+
+    names = set(VARIANTS)
+    found = []
+    for path in sorted((ROOT / "aira_opt").rglob("*.py")):
+        if path.name == "variants.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            constants = [c.value for o in operands for c in ast.walk(o) if isinstance(c, ast.Constant)]
+            if names & {c for c in constants if isinstance(c, str)}:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []

@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (benchmarks/build_llamacpp.sh)")
 
+from aira_opt.bench.backends import BenchSources  # noqa: E402
 from aira_opt.bench.jobs import plan_jobs  # noqa: E402
 from aira_opt.bench.measure import Setting, run_bench  # noqa: E402
 from aira_opt.bench.backends import Job, LlamaCppRunner  # noqa: E402
@@ -21,8 +22,8 @@ from aira_opt.bench.weights import gguf_type, gguf_weight_bytes  # noqa: E402
 from aira_opt.generation.generator import GenerateOptions, generate  # noqa: E402
 from aira_opt.generation.sampling import GREEDY  # noqa: E402
 from aira_opt.runtime.ort import OrtDecoder  # noqa: E402
-from aira_opt.spec.models import bundled_model_dir  # noqa: E402
-from aira_opt.spec.prompts import detect_format, prompt_ids  # noqa: E402
+from aira_opt.source.models import bundled_model_dir  # noqa: E402
+from aira_opt.source.prompts import detect_format, prompt_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +67,9 @@ def test_llamacpp_greedy_matches_our_onnx_runtime_loop_on_the_same_ids(tiny, tin
 
 
 def test_bench_runs_llamacpp_beside_ort_with_the_same_prompts(tiny_export, tiny_gguf):
-    plan = plan_jobs("aira-tiny", None, [tiny_export], [], [], ["ort", "llamacpp"],
-                     gguf_files=[tiny_gguf / "model-f32.gguf", tiny_gguf / "model-Q8_0.gguf"])
+    plan = plan_jobs(BenchSources("aira-tiny", onnx_dirs=[tiny_export],
+                                  gguf_files=[tiny_gguf / "model-f32.gguf", tiny_gguf / "model-Q8_0.gguf"]),
+                     ["ort", "llamacpp"])
     assert [j.label for j in plan.jobs] == ["ort fp32", "llamacpp f32", "llamacpp Q8_0"] and not plan.skipped
     report = run_bench(plan.jobs, [Setting(1, 8, 4)], 0, 1, 1, plan.token_ids, plan.eos, plan.pad)
     assert [r.label for r in report.results] == ["ort fp32", "llamacpp f32", "llamacpp Q8_0"], report.skipped

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.export.exporters import EXPORTERS
+from aira_opt.exporting.exporters import EXPORTERS
 
 OPTIMUM_MISSING = None
 try:

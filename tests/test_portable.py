@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from aira_opt.cli import main
 from aira_opt.generation.generator import GenerateOptions, generate
-from aira_opt.spec.prompts import prompt_ids
+from aira_opt.source.prompts import prompt_ids
 from aira_opt.generation.sampling import GREEDY as GREEDY_SAMPLING
 
 from helpers import hf_greedy
@@ -51,6 +51,7 @@ def test_genai_config_names_our_io_and_the_card_defaults(tiny, tiny_export):
     assert cfg["model"]["eos_token_id"] == tiny.tokenizer.eos_token_id
     assert cfg["search"]["past_present_share_buffer"] is False
     assert (cfg["search"]["top_k"], cfg["search"]["repetition_penalty"]) == (30, 1.2)
+    assert cfg["model"]["decoder"]["session_options"]["provider_options"] == []  # a CPU graph: genai's CPU provider
 
 
 def test_inspect_prints_contract_metadata_and_verifies_hashes(tiny_export):

@@ -130,7 +130,7 @@ def test_check_thresholds_per_precision_are_the_documented_ones():
 
 def test_fp16_left_padded_batch_stays_finite_and_matches_one_by_one(tiny, tiny_variants):
     from aira_opt.generation.generator import GenerateOptions, generate
-    from aira_opt.spec.prompts import prompt_ids
+    from aira_opt.source.prompts import prompt_ids
     from aira_opt.generation.sampling import GREEDY
 
     tok = tiny.tokenizer
@@ -154,8 +154,8 @@ def test_fp16_export_keeps_external_weights_in_place(tiny, tmp_path, monkeypatch
     """Large models arrive from the exporter with model.onnx_data; the fp16 graph edits must not pull those weights
     into the proto (which cannot be serialized past 2 GB) nor drop the data file. Found on the GPU run with the
     1.1B model; here the exporter's size threshold is lowered so the tiny model arrives the same way."""
-    import aira_opt.export.torch_onnx as torch_onnx
-    from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS
+    import aira_opt.exporting.torch_onnx as torch_onnx
+    from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
     from aira_opt.precision.fp16 import export_fp16
 
     monkeypatch.setattr(torch_onnx, "EXTERNAL_DATA_THRESHOLD", 0)

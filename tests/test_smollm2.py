@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.spec.models import GGUF_INSTALL
+from aira_opt.source.models import GGUF_INSTALL
 
 pytestmark = [
     pytest.mark.slow,

@@ -6,10 +6,10 @@ import pytest
 from click.testing import CliRunner
 
 from aira_opt.cli import main
-from aira_opt.spec.corpus import training_pairs
+from aira_opt.source.corpus import training_pairs
 from aira_opt.core.errors import ModelLoadError
-from aira_opt.spec.prompts import decode_answer, prompt_ids
-from aira_opt.spec.models import AIRA_TOKENS, PRESETS, bundled_model_dir, load_model
+from aira_opt.source.prompts import decode_answer, prompt_ids
+from aira_opt.source.models import AIRA_TOKENS, PRESETS, bundled_model_dir, load_model
 
 from helpers import hf_greedy
 
@@ -87,7 +87,7 @@ def test_bad_model_spec_is_a_one_line_error(spec, message, tmp_path):
 
 
 def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
-    import aira_opt.spec.models as specs
+    import aira_opt.source.models as specs
 
     monkeypatch.setattr(specs, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -100,6 +100,7 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_bench_finds_the_default_export_of_a_shallow_preset_by_the_same_name(tmp_path, monkeypatch):
     """One naming rule for a depth-overridden preset: where export files it is where bench looks for it."""
+    from aira_opt.bench.backends import BenchSources
     from aira_opt.bench.jobs import plan_jobs
 
     loaded = load_model("aira-2-1b1-random", num_layers=2)
@@ -108,5 +109,5 @@ def test_bench_finds_the_default_export_of_a_shallow_preset_by_the_same_name(tmp
     (folder / "model.onnx").write_bytes(b"")
     (folder / "manifest.json").write_text('{"precision": "fp32"}')
     monkeypatch.chdir(tmp_path)
-    plan = plan_jobs("aira-2-1b1-random", 2, [], [], [], ["ort"])
+    plan = plan_jobs(BenchSources("aira-2-1b1-random", 2), ["ort"])
     assert [job.folder for job in plan.jobs] == [str(Path("export") / "aira-2-1b1-random-2l" / "fp32")]

@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aira_opt.spec.corpus import calibration_questions, heldout_pairs, training_pairs  # noqa: E402
-from aira_opt.spec.prompts import conversation_ids, decode_answer, prompt_ids  # noqa: E402
-from aira_opt.spec.models import AIRA_TOKENS, CARD_GENERATION_DEFAULTS  # noqa: E402
+from aira_opt.source.corpus import calibration_questions, heldout_pairs, training_pairs  # noqa: E402
+from aira_opt.source.prompts import conversation_ids, decode_answer, prompt_ids  # noqa: E402
+from aira_opt.source.models import AIRA_TOKENS, CARD_GENERATION_DEFAULTS  # noqa: E402
 
 SEED = 0
 VOCAB_SIZE = 512  # bytes (256) + merges + 5 specials: enough for whole words of the corpus

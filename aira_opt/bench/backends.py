@@ -27,7 +27,7 @@ from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.providers import PROVIDERS, session_options
 from aira_opt.runtime.pytorch import Timings, hf_generate_timings
 from aira_opt.runtime.runner import Decoder, Runner
-from aira_opt.spec.models import load_model
+from aira_opt.source.models import load_model
 from aira_opt.tensorrt.engines import TrtDecoder, import_tensorrt, require_gpu
 
 

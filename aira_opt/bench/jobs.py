@@ -12,10 +12,11 @@ import numpy as np
 
 from aira_opt.bench.backends import RUNNERS, BenchSources, Job
 from aira_opt.core.errors import AiraOptError
+from aira_opt.exporting.support import read_format
 from aira_opt.folders import ExportFolder, default_export_path
 from aira_opt.precision.variants import source_variant
-from aira_opt.spec.models import BUNDLED, PRESETS, bundled_model_dir, load_model, model_name
-from aira_opt.spec.prompts import detect_format, ordinary_token_ids
+from aira_opt.source.models import BUNDLED, PRESETS, bundled_model_dir, load_model, model_name
+from aira_opt.source.prompts import detect_format, ordinary_token_ids
 
 EXPORT_BACKENDS = ("ort", "optimum")  # the backends that run export folders (default: export/<model>/fp32)
 
@@ -63,7 +64,7 @@ def _tokenizer_and_format(sources: BenchSources) -> tuple[object, object]:
         tokenizer = export.tokenizer
     else:
         tokenizer = load_model(sources.model_spec).tokenizer
-    fmt = export.prompt_format if export is not None else detect_format(tokenizer)
+    fmt = read_format(export.path, tokenizer) if export is not None else detect_format(tokenizer)
     return tokenizer, fmt
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from aira_opt.core.errors import AiraOptError
 from aira_opt.generation.generator import GenerateOptions
 from aira_opt.generation.sampling import SamplingSettings
-from aira_opt.spec.models import CARD_GENERATION_DEFAULTS
+from aira_opt.source.models import CARD_GENERATION_DEFAULTS
 
 DEFAULT_MAX_NEW_TOKENS = 256  # for a model whose generation config names none (transformers' own is a bare 20)
 

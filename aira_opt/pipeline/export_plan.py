@@ -9,12 +9,12 @@ from pathlib import Path
 
 from aira_opt.core.artifacts import refuse_existing
 from aira_opt.core.errors import OptionError
-from aira_opt.export.exporters import DEFAULT_EXPORTER, EXPORTERS, Exporter
+from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS, Exporter
 from aira_opt.folders import default_export_path
 from aira_opt.precision.kernels import KernelCandidate, candidates
 from aira_opt.precision.recipe import WeightOnlySettings
 from aira_opt.precision.variants import VARIANTS, Tolerance, Variant, exportable_names, source_variant, variant
-from aira_opt.spec.models import check_spec, model_name
+from aira_opt.source.models import check_spec, model_name
 
 KERNEL_MODES = ("auto", "default")  # time the candidates, or take the variant's default untimed
 

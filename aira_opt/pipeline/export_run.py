@@ -14,16 +14,16 @@ from aira_opt.core.artifacts import atomic_folder, write_manifest
 from aira_opt.core.contract import DecoderContract
 from aira_opt.core.errors import ValidationError
 from aira_opt.core.progress import ProgressCallback, Steps
-from aira_opt.export.exporters import OPSET, Exporter
-from aira_opt.export.onnx_files import remove_model_files
-from aira_opt.export.portable import make_portable
-from aira_opt.export.support import model_format, write_support_files
+from aira_opt.exporting.exporters import OPSET, Exporter
+from aira_opt.exporting.onnx_files import remove_model_files
+from aira_opt.exporting.portable import make_portable
+from aira_opt.exporting.support import model_format, write_support_files
 from aira_opt.folders import ExportFolder
 from aira_opt.pipeline.export_plan import ExportPlan
 from aira_opt.pipeline.validation import validate_export
 from aira_opt.precision.kernels import KernelCandidate, KernelChoice, choose_kernels
 from aira_opt.precision.recipe import Fp32Graph, RecipeInput
-from aira_opt.spec.models import LoadedModel, load_model
+from aira_opt.source.models import LoadedModel, load_model
 
 
 def reusable_fp32(loaded: LoadedModel, folder: Path, by: Exporter) -> Path | None:

@@ -18,8 +18,8 @@ from aira_opt.runtime.compare import Comparison
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.pytorch import TorchDecoder
 from aira_opt.runtime.runner import Decoder
-from aira_opt.spec.models import LoadedModel
-from aira_opt.spec.prompts import ordinary_token_ids
+from aira_opt.source.models import LoadedModel
+from aira_opt.source.prompts import ordinary_token_ids
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from aira_opt.core.errors import OptionError
-from aira_opt.export.onnx_files import remove_model_files, save_model
+from aira_opt.exporting.onnx_files import remove_model_files, save_model
 from aira_opt.precision.fp16 import logits_in_fp32
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput

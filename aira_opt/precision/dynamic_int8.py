@@ -12,7 +12,7 @@ from typing import Any
 import onnx
 
 from aira_opt.core.cpu import has_int8_dot
-from aira_opt.export.onnx_files import remove_model_files, save_model
+from aira_opt.exporting.onnx_files import remove_model_files, save_model
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.graph import weight_matmuls
 

@@ -11,10 +11,10 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from aira_opt.export.exporters import Exporter
+from aira_opt.exporting.exporters import Exporter
 from aira_opt.precision.graph import fp32_islands, tensor_types
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput
-from aira_opt.spec.models import LoadedModel
+from aira_opt.source.models import LoadedModel
 
 
 def softmax_in_fp32(model: onnx.ModelProto) -> int:

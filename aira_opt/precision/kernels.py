@@ -29,7 +29,7 @@ from aira_opt.core.cpu import last_level_cache_bytes, machine_key
 from aira_opt.core.progress import bar
 from aira_opt.precision.dynamic_int8 import quantize_dynamic_int8
 from aira_opt.precision.recipe import WeightOnlySettings
-from aira_opt.spec.models import cache_dir
+from aira_opt.source.models import cache_dir
 
 REFERENCE_PROMPT, REFERENCE_NEW_TOKENS = 64, 64  # the request a choice is scored on (bench's default setting)
 PROBE_MIN_BYTES = 128 << 20  # the probe's weights are at least this and 3x the last-level cache

@@ -14,13 +14,13 @@ import onnx
 
 from aira_opt.core.contract import DecoderContract, empty_past
 from aira_opt.core.errors import AiraOptError
-from aira_opt.export.onnx_files import remove_model_files, save_model
-from aira_opt.export.support import model_format
+from aira_opt.exporting.onnx_files import remove_model_files, save_model
+from aira_opt.exporting.support import model_format
 from aira_opt.precision.graph import qdq_problems, weight_matmuls
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput
 from aira_opt.precision.smoothing import smooth, smooth_groups
-from aira_opt.spec.corpus import calibration_questions, training_pairs
-from aira_opt.spec.prompts import PromptFormat, conversation_ids, detect_format, prompt_ids
+from aira_opt.source.corpus import calibration_questions, training_pairs
+from aira_opt.source.prompts import PromptFormat, conversation_ids, detect_format, prompt_ids
 
 
 def calibration_sequences(tokenizer: Any, fmt: PromptFormat | None = None) -> list[list[int]]:

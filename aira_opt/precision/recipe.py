@@ -12,10 +12,10 @@ from typing import Any
 
 import onnx
 
-from aira_opt.export.exporters import Exporter
-from aira_opt.export.onnx_files import remove_model_files, save_model
+from aira_opt.exporting.exporters import Exporter
+from aira_opt.exporting.onnx_files import remove_model_files, save_model
 from aira_opt.precision.fusing import fuse_and_pack
-from aira_opt.spec.models import LoadedModel
+from aira_opt.source.models import LoadedModel
 
 
 @dataclass(frozen=True)

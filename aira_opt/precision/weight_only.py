@@ -9,7 +9,7 @@ from typing import Any
 
 import onnx
 
-from aira_opt.export.onnx_files import save_model
+from aira_opt.exporting.onnx_files import save_model
 from aira_opt.precision.dynamic_int8 import dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.graph import weight_matmuls

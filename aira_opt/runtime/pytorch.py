@@ -12,8 +12,8 @@ import numpy as np
 
 from aira_opt.core.contract import DecoderContract
 from aira_opt.runtime.runner import KVCache, Runner, StepOutput
-from aira_opt.spec.compat import forward
-from aira_opt.spec.models import LoadedModel
+from aira_opt.source.compat import forward
+from aira_opt.source.models import LoadedModel
 
 BASELINES = ("cpu-fp32", "cuda-fp16")  # PyTorch fp32 on the CPU, or fp16 on the GPU (what GPU users run)
 Timings = tuple[float, list[float]]  # (seconds to the first token, seconds of each decode step)

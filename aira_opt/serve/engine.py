@@ -28,7 +28,7 @@ from aira_opt.generation.generator import Row as GeneratorRow
 from aira_opt.generation.streaming import TextStream
 from aira_opt.runtime.runner import Decoder
 from aira_opt.serve.protocol import BadRequest, GenerateRequest, fit_to_context, parse_request
-from aira_opt.spec.prompts import decode_answer, prompt_ids
+from aira_opt.source.prompts import decode_answer, prompt_ids
 
 log = logging.getLogger(__name__)
 

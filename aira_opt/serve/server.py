@@ -33,7 +33,7 @@ from pathlib import Path
 from aira_opt.core.errors import AiraOptError, Terminated
 from aira_opt.folders import EngineFolder, ExportFolder
 from aira_opt.serve.repository import ServingOptions, write_repository
-from aira_opt.spec.models import cache_dir
+from aira_opt.source.models import cache_dir
 
 PYTRITON_VERSION = "0.7.0"  # its wheel bundles Triton server 2.51 and the Python backend
 # Its own dependencies are left out: its client pins protobuf < 7, which transformers 5 cannot work with, and only

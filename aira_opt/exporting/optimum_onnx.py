@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from aira_opt.core.errors import ValidationError
-from aira_opt.spec.models import LoadedModel
+from aira_opt.source.models import LoadedModel
 
 
 def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 import onnx
 
 from aira_opt.core.contract import DecoderContract
-from aira_opt.export.support import generation_defaults, model_format
-from aira_opt.spec.models import AIRA_TOKENS, LoadedModel
-from aira_opt.spec.prompts import PromptFormat, control_ids
+from aira_opt.exporting.support import generation_defaults, model_format
+from aira_opt.source.models import AIRA_TOKENS, LoadedModel
+from aira_opt.source.prompts import PromptFormat, control_ids
 
 
 def graph_kind(model: onnx.ModelProto) -> str:

@@ -30,9 +30,9 @@ from aira_opt.runtime.compare import Comparison
 from aira_opt.runtime.pytorch import BASELINES, TorchDecoder
 from aira_opt.runners import open_runner
 from aira_opt.runtime.runner import Decoder
-from aira_opt.spec.corpus import CHAT_QUESTIONS, heldout_english, heldout_pairs
-from aira_opt.spec.models import LoadedModel, load_model
-from aira_opt.spec.prompts import (
+from aira_opt.source.corpus import CHAT_QUESTIONS, heldout_english, heldout_pairs
+from aira_opt.source.models import LoadedModel, load_model
+from aira_opt.source.prompts import (
     DEFAULT_CHECK_PROMPTS,
     PromptFormat,
     conversation_ids,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from aira_opt.spec.models import AIRA_TOKENS
+from aira_opt.source.models import AIRA_TOKENS
 
 QUESTION = "{question}"
 FORMATS = ("aira", "chat-template", "plain")

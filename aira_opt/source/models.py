@@ -18,7 +18,7 @@ from typing import Any
 
 from aira_opt.core.artifacts import atomic_folder, sha256_file
 from aira_opt.core.errors import ModelLoadError
-from aira_opt.spec.compat import save_portable, transformers_major
+from aira_opt.source.compat import save_portable, transformers_major
 
 log = logging.getLogger(__name__)
 

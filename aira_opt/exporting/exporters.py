@@ -17,8 +17,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from aira_opt.core.errors import MissingExtraError, OptionError
-from aira_opt.export.onnx_files import remove_model_files, save_model
-from aira_opt.spec.models import LoadedModel
+from aira_opt.exporting.onnx_files import remove_model_files, save_model
+from aira_opt.source.models import LoadedModel
 
 OPSET = 18  # TensorRT 10+/11's ONNX parser supports it; optimum's default for Llama
 
@@ -52,8 +52,8 @@ class Exporter:
 
 
 EXPORTERS = {e.name: e for e in (
-    Exporter("torch", "torch.onnx dynamo exporter (aira_opt.export.torch_onnx)", "aira_opt.export.torch_onnx"),
-    Exporter("optimum", "optimum.exporters.onnx (text-generation-with-past)", "aira_opt.export.optimum_onnx",
+    Exporter("torch", "torch.onnx dynamo exporter (aira_opt.exporting.torch_onnx)", "aira_opt.exporting.torch_onnx"),
+    Exporter("optimum", "optimum.exporters.onnx (text-generation-with-past)", "aira_opt.exporting.optimum_onnx",
              needs="optimum.exporters.onnx", extra="optimum"),
 )}
 DEFAULT_EXPORTER = "torch"

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aira_opt.spec.compat import save_portable
-from aira_opt.spec.models import CARD_GENERATION_DEFAULTS, LoadedModel
-from aira_opt.spec.prompts import PromptFormat, detect_format
+from aira_opt.source.compat import save_portable
+from aira_opt.source.models import CARD_GENERATION_DEFAULTS, LoadedModel
+from aira_opt.source.prompts import PromptFormat, detect_format
 
 GENERATION_CONFIG = "generation_config.json"
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")

@@ -2,7 +2,7 @@
 and decode, standard ai.onnx ops only.
 
 The model's forward takes a cache object, which torch.export cannot take as a graph input; `FlatCacheDecoder`
-takes the contract's flat inputs, builds the cache inside forward (aira_opt.spec.compat, the one place that knows
+takes the contract's flat inputs, builds the cache inside forward (aira_opt.source.compat, the one place that knows
 each transformers version's calls) and returns logits and the flat presents. The mask's length gets a dim of its
 own (torch.export cannot declare it as past + sequence); it is renamed to the contract's name after export.
 """
@@ -20,9 +20,9 @@ import onnx
 import torch
 
 from aira_opt.core.contract import BATCH, PAST, SEQ, TOTAL, DecoderContract
-from aira_opt.export.onnx_files import EXTERNAL_DATA_THRESHOLD
-from aira_opt.spec.compat import cache_from_pairs, forward, pairs_from_cache
-from aira_opt.spec.models import LoadedModel
+from aira_opt.exporting.onnx_files import EXTERNAL_DATA_THRESHOLD
+from aira_opt.source.compat import cache_from_pairs, forward, pairs_from_cache
+from aira_opt.source.models import LoadedModel
 
 # Example sizes for tracing: each at least 2 and all different, so no dim is specialised or merged with another.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5

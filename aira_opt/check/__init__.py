@@ -1,1 +1,0 @@
-"""Stage 6a, `check`: parity of an export with its PyTorch source."""
