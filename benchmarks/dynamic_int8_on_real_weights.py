@@ -26,7 +26,7 @@ from aira_opt.precision.dynamic_int8 import quantize_dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_sequences
 from aira_opt.precision.smoothing import smooth, smooth_groups
-from aira_opt.precision.validate import validate_against_torch
+from aira_opt.pipeline.validation import validate_graph
 from aira_opt.precision.variants import VARIANTS
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.source.models import load_model
@@ -78,7 +78,7 @@ if __name__ == "__main__":
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(args.int8, out, ignore=shutil.ignore_patterns("model.onnx*", "manifest.json"))
             build(loaded, args.fp32, out, alpha, kept, seven_bits)
-            sanity = validate_against_torch(loaded, out, VARIANTS["int8"].tolerance, enforce=False)
+            sanity = validate_graph(loaded, out, VARIANTS["int8"].tolerance)
             top1 = ratio = "-"
             if args.check:
                 with OrtDecoder(out) as decoder:

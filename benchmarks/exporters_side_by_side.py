@@ -29,10 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 INT4_FROM_FP32 = """
 import sys
 from pathlib import Path
-from aira_opt.precision.pipeline import export_model
-from aira_opt.source.models import load_model
+import aira_opt
 model, fp32, out, exporter = sys.argv[1:5]
-export_model(load_model(model), "int4", Path(out), force=True, quiet=True, reuse_fp32=Path(fp32), exporter_name=exporter)
+aira_opt.export(model, "int4", Path(out), force=True, reuse_fp32=Path(fp32), exporter=exporter)
 """
 
 

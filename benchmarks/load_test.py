@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from aira_opt.bench.machine import machine_info, probe_bandwidth_gbps
+from aira_opt.folders import ExportFolder
 from aira_opt.serve.repository import ServingOptions, write_repository
 from aira_opt.serve.server import Ports, TritonServer, free_ports
 
@@ -160,7 +161,7 @@ def load_test_export(folder: Path, levels: list[int], requests_per_client: int, 
     label = f"{folder.parent.name}/{folder.name}"
     with tempfile.TemporaryDirectory(prefix="aira-opt-load-") as tmp:
         repo = Path(tmp) / "repository"
-        name = write_repository(folder, "onnx", repo, "model", options, link=True).name
+        name = write_repository(ExportFolder(folder), repo, "model", options, link=True).name
         http, grpc, metrics = free_ports(3)
         with TritonServer(repo, Ports(http, grpc, metrics), host="127.0.0.1", log_path=Path(tmp) / "server.log") as server:
             server.wait_ready(name, timeout_s=900)

@@ -19,11 +19,11 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 
 from aira_opt.core.contract import DecoderContract
 from aira_opt.exporting.onnx_files import save_model
-from aira_opt.exporting.support import model_format, write_support_files
+from aira_opt.exporting.support import model_format
 from aira_opt.precision.graph import weight_matmuls
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_sequences
 from aira_opt.precision.smoothing import smooth, smooth_groups
-from aira_opt.precision.validate import validate_against_torch
+from aira_opt.pipeline.validation import validate_graph
 from aira_opt.precision.variants import Tolerance
 from aira_opt.source.models import load_model
 
@@ -64,8 +64,7 @@ def main() -> None:
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True,
                                "OpTypesToExcludeOutputQuantization": ["MatMul"]})
-            write_support_files(loaded, out)
-            report = validate_against_torch(loaded, out, Tolerance(), enforce=False)
+            report = validate_graph(loaded, out, Tolerance())
             print(f"| {alpha if alpha is not None else 'none'} | {'yes' if smooth_down and alpha else 'no'} | "
                   f"{', '.join(kept) or '-'} | {report['min_cosine']:.4f} |", flush=True)
         finally:

@@ -18,12 +18,12 @@ import onnx
 from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
 from aira_opt.parity import load_questions, run_check
+from aira_opt.pipeline.validation import validate_graph
 from aira_opt.exporting.onnx_files import save_model
-from aira_opt.exporting.support import model_format, write_support_files
+from aira_opt.exporting.support import model_format
 from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.recipe import WeightOnlySettings
-from aira_opt.precision.validate import validate_against_torch
 from aira_opt.precision.variants import Tolerance
 from aira_opt.precision.weight_only import quantize_weight_only
 from aira_opt.runtime.ort import OrtDecoder
@@ -83,8 +83,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="recipe-"))
         try:
             quantize(args.fp32 / "model.onnx", out, loaded.config, recipe)
-            write_support_files(loaded, out)
-            report = validate_against_torch(loaded, out, Tolerance(), enforce=False)
+            report = validate_graph(loaded, out, Tolerance())
             speed = decode_speed(out, fmt.stop_ids[0], fmt.pad_id, args.threads)
             verdict = "-"
             if args.check:

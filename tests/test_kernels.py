@@ -129,7 +129,7 @@ def test_a_faster_kernel_that_misses_the_sanity_bar_gives_way_to_the_next(tiny, 
 
 
 def test_random_weights_only_time_kernels_that_keep_the_numerics(tiny, tiny_export, tmp_path, monkeypatch):
-    from aira_opt.precision import pipeline
+    from aira_opt.pipeline import export_run as pipeline
 
     timed = {}
 

@@ -68,11 +68,9 @@ def run_export(plan: ExportPlan, on_progress: ProgressCallback | None = None,
                loaded: LoadedModel | None = None) -> ExportFolder:
     """Run `plan`; returns the finished folder. loaded: the model, when the caller has it in memory already."""
     record = plan.variant
+    # Loading is not a numbered step: a model that cannot load is one error line, with nothing before it.
+    loaded = loaded or load_model(plan.model, num_layers=plan.num_layers)
     steps = Steps(5 if plan.kernel_candidates else 4, on_progress)
-    if loaded is None:
-        steps.total += 1
-        with steps.step(f"loading {plan.model}"):
-            loaded = load_model(plan.model, num_layers=plan.num_layers)
     enforce = record.enforce_on_random_weights or loaded.kind != "random"
     tuning = list(plan.kernel_candidates)
     if not enforce and plan.kernels == "auto":

@@ -5,6 +5,7 @@ comparator (runtime.compare); every miss is collected, then one ValidationError 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import onnx
 
 from aira_opt.core.contract import DecoderContract, position_ids_from_mask
 from aira_opt.core.errors import ValidationError
+from aira_opt.exporting.support import write_support_files
 from aira_opt.folders import ExportFolder
 from aira_opt.precision.variants import Tolerance
 from aira_opt.runtime.compare import Comparison
@@ -91,3 +93,11 @@ def loaded_contract_problems(loaded: LoadedModel, folder: ExportFolder) -> list[
     """Where the graph's inputs and outputs differ from the contract the model's config implies."""
     graph = onnx.load(str(folder.model_path), load_external_data=False)
     return DecoderContract.from_config(loaded.config).check_graph(graph)
+
+
+def validate_graph(loaded: LoadedModel, folder: Path, tolerance: Tolerance = Tolerance(),
+                   enforce: bool = False) -> dict[str, Any]:
+    """A graph made outside `run_export` (folder/model.onnx: a recipe the CLI does not offer, tried by a research
+    script in benchmarks/), validated exactly as an export is: the support files go next to it first."""
+    write_support_files(loaded, folder)
+    return validate_export(loaded, ExportFolder(folder), tolerance, enforce)

@@ -16,7 +16,7 @@ from pathlib import Path
 from aira_opt._version import __version__
 from aira_opt.core.artifacts import atomic_folder
 from aira_opt.core.errors import ExportFolderError, OptionError
-from aira_opt.folders import EngineFolder, ExportFolder, open_folder
+from aira_opt.folders import MODEL_FILE, PLAN_FILE, EngineFolder, ExportFolder, open_folder
 from aira_opt.serve.protocol import INPUTS, OUTPUTS
 
 VERSION = "1"
@@ -133,7 +133,7 @@ def write_repository(folder: ExportFolder | EngineFolder, repository: Path, name
                      options: ServingOptions = ServingOptions(), force: bool = False, link: bool = False) -> Path:
     """Write `<repository>/<name>/` for an export or engine folder (its `kind` is the runtime); returns it."""
     source, runtime = folder.path, folder.kind
-    needed = folder.model_path.name if isinstance(folder, ExportFolder) else folder.plan_path.name
+    needed = MODEL_FILE if isinstance(folder, ExportFolder) else PLAN_FILE
     if not (source / needed).is_file() or not (source / "config.json").is_file():
         raise ExportFolderError(f"'{source}' is not an aira-opt {'export' if runtime == 'onnx' else 'engine'} "
                                 f"folder (no {needed} or config.json)")
