@@ -73,3 +73,12 @@ def test_the_dockerfile_serves_the_repository_the_deployment_names():
     exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()
     assert sorted(map(int, exposed)) == sorted(PORT_NAMES.values())
     assert '"numpy<2"' in dockerfile and "--no-deps" in dockerfile  # the Python backend's numpy, and no PyTorch
+
+
+def test_a_container_listens_on_every_interface_as_both_files_say_explicitly():
+    """`aira-opt serve` binds 127.0.0.1 by default; a container must be reachable from outside, so deploy/ passes
+    the addresses itself, the same in the Dockerfile and the Deployment."""
+    addresses = [f"--{kind}-address=0.0.0.0" for kind in ("http", "grpc", "metrics")]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert all(a in container()["args"] for a in addresses)
+    assert all(f'"{a}"' in dockerfile for a in addresses)

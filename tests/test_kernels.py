@@ -186,3 +186,13 @@ def test_an_8_bit_dynamic_export_warns_on_a_cpu_whose_int8_kernels_may_saturate(
             warnings.simplefilter("always")
             ort_runtime.OrtDecoder(folder).activate().deactivate()
         assert any("may saturate" in str(w.message) for w in caught) == expected
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file(small_probe, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kernels.json, "dump", full_disk)
+    kernels._write_cache({"a key": {"request_ms": 1.0}})  # a failed write only costs a re-probe
+    folder = small_probe.parent
+    assert folder.is_dir() and list(folder.iterdir()) == []

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from aira_opt.cli import main
 import aira_opt
+from aira_opt.cli import main
 from aira_opt.generation.generator import GenerateOptions
 from aira_opt.generation.sampling import GREEDY, SamplingSettings
 from aira_opt.runtime.ort import OrtDecoder
@@ -570,3 +570,14 @@ def test_no_triton_anywhere_is_one_line_with_the_install_command(monkeypatch):
         find_tritonserver()
     result = CliRunner().invoke(main, ["serve", "--onnx", "."])
     assert result.exit_code == 1 and "needs Triton Inference Server" in result.output
+
+
+def test_the_server_binds_this_machine_only_unless_told(tmp_path):
+    from aira_opt.serve.server import LOCAL_HOST, find_tritonserver
+
+    install = find_tritonserver()
+    local = TritonServer(tmp_path, Ports(*free_ports(3)), install).command()
+    opened = TritonServer(tmp_path, Ports(*free_ports(3)), install, host="0.0.0.0").command()
+    for kind in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert local[local.index(kind) + 1] == LOCAL_HOST == "127.0.0.1"
+        assert opened[opened.index(kind) + 1] == "0.0.0.0"

@@ -1,8 +1,8 @@
 """CPU graph fusion: each layer's exported attention becomes RotaryEmbedding + GroupQueryAttention.
 
-The optimum export spells attention out in many small nodes per layer (shape arithmetic, rotary slices,
-repeat_kv's Expand/Reshape, the mask, softmax, NaN guard). On a CPU each node costs dispatch time however
-small its tensor, a measurable share of a decode step (benchmarks/README.md). ONNX Runtime's contrib ops do
+An exported graph (ours from torch.onnx, or optimum's) spells attention out in many small nodes per layer (shape
+arithmetic, rotary slices, repeat_kv's Expand/Reshape, the mask, softmax, NaN guard). On a CPU each node costs
+dispatch time however small its tensor, a measurable share of a decode step (benchmarks/notes/). ONNX Runtime's contrib ops do
 the same work in three kernels per layer (two RotaryEmbedding, one GroupQueryAttention). They are ONNX Runtime-only, so only the CPU variants
 (int8, int4, and fp32 on request) get them; fp16 and int8-qdq stay standard-op for TensorRT.
 

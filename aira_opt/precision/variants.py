@@ -120,8 +120,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             fusable=True, tensorrt=True, enforce_on_random_weights=True),
     Variant("fp16", TENSORRT_OR_CUDA, fp16_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS, tensorrt=True,
             dtype="float16", cuda=True),
-    # Random-token probes leave the calibrated activation ranges (clipped): a looser sanity bar.
-    Variant("int8-qdq", "TensorRT 11 explicit quantization; standard ops", qdq_recipe, Tolerance(min_cosine=0.95),
+    # Random-token probes leave the calibrated activation ranges (clipped), and on real weights one clipped outlier
+    # decides their minimum, which moves with the machine (docs/precision.md): a looser sanity bar that still
+    # refuses a collapsed graph. `check` judges the variant on real text with INT8_THRESHOLDS, unchanged.
+    Variant("int8-qdq", "TensorRT 11 explicit quantization; standard ops", qdq_recipe, Tolerance(min_cosine=0.93),
             INT8_THRESHOLDS, tensorrt=True),
     # int8: MatMulNBits 8-bit or dynamic int8 (MatMulInteger), whichever times faster on the exporting machine
     # (kernels.py); both are measured in benchmarks/README.md.
