@@ -20,7 +20,6 @@ from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
 from aira_opt.parity import load_questions, run_check
 from aira_opt.core.contract import DecoderContract
-from aira_opt.exporting.onnx_files import save_model
 from aira_opt.exporting.support import model_format
 from aira_opt.precision.dynamic_int8 import quantize_dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack

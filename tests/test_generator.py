@@ -23,14 +23,18 @@ def options(i: int) -> GenerateOptions:
                            seed=100 + i, ignore_eos=i == 4)
 
 
+def each_alone(decoder, prompts: list[list[int]], tok) -> list[list[int]]:
+    """Every prompt's tokens generated on its own, with its own options: what a batch must give each row."""
+    return [generate(decoder, [p], options(i), tok.eos_token_id, tok.pad_token_id).tokens[0]
+            for i, p in enumerate(prompts)]
+
+
 @pytest.mark.parametrize("graph", ["standard", "fused"])
 def test_rows_joining_and_leaving_get_what_they_get_alone(tiny, tiny_export, tiny_fused, graph):
-    folder = tiny_export if graph == "standard" else tiny_fused
     tok = tiny.tokenizer
     prompts = [prompt_ids(tok, q) for q in QUESTIONS]
-    with OrtDecoder(folder) as decoder:
-        alone = [generate(decoder, [p], options(i), tok.eos_token_id, tok.pad_token_id).tokens[0]
-                 for i, p in enumerate(prompts)]
+    with OrtDecoder(tiny_export if graph == "standard" else tiny_fused) as decoder:
+        alone = each_alone(decoder, prompts, tok)
         batch = Generator(decoder, [tok.eos_token_id], tok.pad_token_id, compact=True)
         rows = [Row(p, options(i)) for i, p in enumerate(prompts)]
         joins = {0: rows[:2], 3: rows[2:3], 4: rows[3:5], 9: rows[5:]}  # step -> who joins before it
@@ -66,12 +70,10 @@ def test_a_callback_that_declines_ends_only_its_row(tiny, tiny_export):
 def test_a_static_batch_keeps_its_shape_and_each_row_its_own_tokens(tiny, tiny_export, tiny_fused, graph):
     """Every row added at once (what `generate`, `check` and bench run): rows that end carry pads until the last
     one ends, so the batch (and a fused graph's in-place cache) never changes shape."""
-    folder = tiny_export if graph == "standard" else tiny_fused
     tok = tiny.tokenizer
     prompts = [prompt_ids(tok, q) for q in QUESTIONS]
-    with OrtDecoder(folder) as decoder:
-        alone = [generate(decoder, [p], options(i), tok.eos_token_id, tok.pad_token_id).tokens[0]
-                 for i, p in enumerate(prompts)]
+    with OrtDecoder(tiny_export if graph == "standard" else tiny_fused) as decoder:
+        alone = each_alone(decoder, prompts, tok)
         batch = Generator(decoder, [tok.eos_token_id], tok.pad_token_id)
         rows = [Row(p, options(i)) for i, p in enumerate(prompts)]
         capacity = max(len(p) for p in prompts) + max(r.options.max_new_tokens for r in rows)

@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 import torch
 
-from aira_opt.core.contract import BATCH, PAST, SEQ, TOTAL, DecoderContract
+from aira_opt.core.contract import BATCH, PAST, SEQ, DecoderContract
 from aira_opt.exporting.onnx_files import EXTERNAL_DATA_THRESHOLD
 from aira_opt.source.compat import cache_from_pairs, forward, pairs_from_cache
 from aira_opt.source.models import LoadedModel

@@ -58,6 +58,7 @@ class Decoder(Protocol):
     contract: DecoderContract
     provider: str  # what runs it, as reports show it
     kv_dtype: Any  # numpy dtype of the cache (known once activated)
+    in_place_cache: bool  # given a capacity, it preallocates the cache once and its graph writes it in place
 
     def activate(self) -> Decoder: ...
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from aira_opt.generation.generator import GenerateOptions
-from aira_opt.generation.sampling import SamplingSettings
 
 
 @dataclass(frozen=True)
