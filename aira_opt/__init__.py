@@ -15,11 +15,10 @@ from typing import Any
 
 from aira_opt._version import __version__
 
-__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "Model", "ExportFolder",
-           "EngineFolder", "ExportPlan", "AiraOptError"]
+__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "bench", "inspect", "Model",
+           "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
-_API = {"load", "export", "check", "Model", "plan_export", "run_export", "ExportPlan", "ExportFolder", "EngineFolder",
-        "AiraOptError"}
+_API = set(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, overload
 
+from aira_opt.benchmark.backends import BenchSources
+from aira_opt.benchmark.jobs import bench as run_bench_jobs
+from aira_opt.benchmark.measure import Setting
+from aira_opt.benchmark.report import report_json
+from aira_opt.inspection import inspect_folder
 from aira_opt.parity import check_folder
 from aira_opt.core.errors import AiraOptError, OptionError
 from aira_opt.core.progress import ProgressCallback
@@ -32,8 +37,8 @@ from aira_opt.runners import open_runner
 from aira_opt.runtime.runner import Decoder
 from aira_opt.source.prompts import decode_answer, prompt_ids
 
-__all__ = ["load", "export", "plan_export", "run_export", "check", "Model", "Answer", "ExportFolder", "EngineFolder",
-           "ExportPlan", "AiraOptError"]
+__all__ = ["load", "export", "plan_export", "run_export", "check", "bench", "inspect", "Model", "Answer",
+           "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 FolderLike = str | Path | ExportFolder | EngineFolder
 
@@ -201,3 +206,27 @@ def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str
             raise OptionError("no prompts to check")
     questions = Path(prompts) if isinstance(prompts, (str, Path)) else prompts
     return check_folder(opened, model, questions, max_new_tokens, provider, threads, baseline, quiet).to_json()
+
+
+def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines: Sequence[str | Path] = (),
+          genai: Sequence[str | Path] = (), gguf: Sequence[str | Path] = (), backends: Sequence[str] = ("torch", "ort"),
+          num_layers: int | None = None, prompt_lengths: Sequence[int] = (64,), new_tokens: int = 64,
+          batch_sizes: Sequence[int] = (1,), warmup: int = 1, repeats: int = 3, threads: int | None = None,
+          provider: str = "cpu", optimum_python: str | None = None,
+          on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`aira-opt bench`: every backend on the same seeded token ids, each in its own process; returns the record
+    `bench --json` writes (machine, settings, results, skipped)."""
+    if new_tokens < 2 or not prompt_lengths or not batch_sizes or min(*prompt_lengths, *batch_sizes) < 1:
+        raise OptionError("bench needs new_tokens >= 2 and positive prompt lengths and batch sizes")
+    sources = BenchSources(model, num_layers, [Path(p) for p in onnx], [Path(p) for p in engines],
+                           [Path(p) for p in genai], [Path(p) for p in gguf], provider, optimum_python)
+    settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
+    report = run_bench_jobs(sources, list(backends), settings, warmup, repeats, threads, progress=on_progress)
+    return report_json(report)
+
+
+def inspect(folder: FolderLike) -> dict[str, Any]:
+    """`aira-opt inspect`: what an export or engine folder holds; `problems` lists every file that does not match
+    its recorded hash."""
+    path = folder.path if isinstance(folder, (ExportFolder, EngineFolder)) else Path(folder)
+    return inspect_folder(path)[0]

@@ -13,12 +13,12 @@ import click
 
 from aira_opt import api
 from aira_opt._version import __version__
-from aira_opt.bench.backends import RUNNERS, BenchSources
-from aira_opt.bench.jobs import plan_jobs
-from aira_opt.bench.measure import Setting, run_bench
-from aira_opt.bench.report import render_text, report_json, write_outputs
+from aira_opt.benchmark.backends import RUNNERS, BenchSources
+from aira_opt.benchmark.jobs import bench
+from aira_opt.benchmark.measure import Setting
+from aira_opt.benchmark.report import render_text, report_json, write_outputs
 from aira_opt.parity import BASELINES, check_folder, report_table
-from aira_opt.core.errors import AiraOptError, OptionError, Terminated, UnexpectedError
+from aira_opt.core.errors import AiraOptError, Terminated, UnexpectedError
 from aira_opt.core.progress import print_progress
 from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.folders import ExportFolder
@@ -341,20 +341,13 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
     sources = BenchSources(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), list(gguf_files),
                            provider, optimum_python)
-    plan = plan_jobs(sources, wanted)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
-    if plan.context is not None and max(prompt_lengths) + new_tokens > plan.context:
-        raise OptionError(f"a {max(prompt_lengths)}-token prompt + {new_tokens} new tokens exceeds the model's "
-                          f"context of {plan.context}; lower --prompt-lengths or --new-tokens")
-    report = run_bench(plan.jobs, settings, warmup, repeats, threads, plan.token_ids, plan.eos, plan.pad,
-                       skipped=plan.skipped, progress=lambda s: click.echo(s, err=True))
+    report = bench(sources, wanted, settings, warmup, repeats, threads, progress=lambda s: click.echo(s, err=True))
     command = "aira-opt " + " ".join(sys.argv[1:]) if sys.argv and "aira-opt" in sys.argv[0] else ""
     human_echo(json_target)(render_text(report))
     if json_target is not None:
         emit_json(json_target, report_json(report, command))
     write_outputs(report, markdown_path, plot_path, command)
-    if not report.results:
-        raise AiraOptError("no backend produced a result: " + "; ".join(s["reason"] for s in report.skipped))
 
 
 # triton-repo / serve --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from aira_opt.bench.machine import machine_info, probe_bandwidth_gbps
+from aira_opt.benchmark.machine import machine_info, probe_bandwidth_gbps
 from aira_opt.folders import ExportFolder
 from aira_opt.serve.repository import ServingOptions, write_repository
 from aira_opt.serve.server import Ports, TritonServer, free_ports

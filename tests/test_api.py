@@ -131,3 +131,20 @@ def test_check_returns_the_record_check_json_prints(tiny_export, tmp_path):
     assert report["passed"] and report["prompts"] == 2 and report["greedy_exact_match"] == 2
     with pytest.raises(OptionError, match="no prompts"):
         aira_opt.check(tiny_export, prompts=[])
+
+
+def test_bench_returns_the_record_bench_json_writes(tiny_export):
+    report = aira_opt.bench("aira-tiny", onnx=[tiny_export], backends=["ort"], prompt_lengths=[8], new_tokens=4,
+                            warmup=0, repeats=1, threads=1)
+    assert set(report) >= {"machine", "settings", "results", "skipped"}
+    [row] = report["results"]
+    assert row["label"] == "ort fp32" and row["decode_steps"] == 3 and row["decode_tokens_per_s"] > 0
+    with pytest.raises(OptionError, match="context of 512"):
+        aira_opt.bench("aira-tiny", onnx=[tiny_export], backends=["ort"], prompt_lengths=[500], new_tokens=64)
+
+
+def test_inspect_returns_what_inspect_json_prints(tiny_export):
+    summary = aira_opt.inspect(tiny_export)
+    result = CliRunner().invoke(main, ["inspect", str(tiny_export), "--json", "-"])
+    assert result.exit_code == 0 and summary == json.loads(result.output)
+    assert summary["hashes_ok"] and summary["precision"] == "fp32"

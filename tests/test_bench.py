@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from aira_opt.bench.machine import probe_bandwidth_gbps
+from aira_opt.benchmark.machine import probe_bandwidth_gbps
 from aira_opt.cli import main
 
 REQUIRED = {"backend", "precision", "batch_size", "prompt_length", "new_tokens", "ttft_ms", "decode_tokens_per_s",
@@ -60,8 +60,8 @@ def test_bandwidth_probe_returns_a_positive_figure():
 
 
 def test_gpu_rows_are_judged_against_gpu_bandwidth_not_the_host_probe():
-    from aira_opt.bench.measure import summarize
-    from aira_opt.bench.backends import Job
+    from aira_opt.benchmark.measure import summarize
+    from aira_opt.benchmark.backends import Job
 
     payload = {"rows": [{"setting": {"batch_size": 1, "prompt_length": 8, "new_tokens": 3}, "ttft": [0.01],
                          "steps": [0.01, 0.01], "rates": [100.0]}],
@@ -89,7 +89,7 @@ def _die_at_once(queue, *args):
 def test_a_child_that_dies_without_reporting_is_an_error_not_a_hang(monkeypatch):
     import time
 
-    import aira_opt.bench.measure as bench
+    import aira_opt.benchmark.measure as bench
 
     monkeypatch.setattr(bench, "_child", _die_at_once)
     start = time.monotonic()
@@ -104,7 +104,7 @@ def test_genai_rows_run_with_the_bench_thread_settings(tiny_export, tmp_path):
 
 
 
-    from aira_opt.bench.backends import genai_threads
+    from aira_opt.benchmark.backends import genai_threads
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
         pytest.skip("onnxruntime-genai is not installed (pip install 'aira-opt[genai]')")
@@ -122,8 +122,8 @@ def test_genai_rows_run_with_the_bench_thread_settings(tiny_export, tmp_path):
 def test_llamacpp_rows_skip_with_their_reason_without_a_gguf_or_without_llama_cpp(tiny_export, tmp_path, monkeypatch):
     import importlib.util
 
-    from aira_opt.bench.backends import BenchSources
-    from aira_opt.bench.jobs import plan_jobs
+    from aira_opt.benchmark.backends import BenchSources
+    from aira_opt.benchmark.jobs import plan_jobs
 
     plan = plan_jobs(BenchSources("aira-tiny", onnx_dirs=[tiny_export]), ["ort", "llamacpp"])
     assert [j.label for j in plan.jobs] == ["ort fp32"]

@@ -14,11 +14,11 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (benchmarks/build_llamacpp.sh)")
 
-from aira_opt.bench.backends import BenchSources  # noqa: E402
-from aira_opt.bench.jobs import plan_jobs  # noqa: E402
-from aira_opt.bench.measure import Setting, run_bench  # noqa: E402
-from aira_opt.bench.backends import Job, LlamaCppRunner  # noqa: E402
-from aira_opt.bench.weights import gguf_type, gguf_weight_bytes  # noqa: E402
+from aira_opt.benchmark.backends import BenchSources  # noqa: E402
+from aira_opt.benchmark.jobs import plan_jobs  # noqa: E402
+from aira_opt.benchmark.measure import Setting, run_bench  # noqa: E402
+from aira_opt.benchmark.backends import Job, LlamaCppRunner  # noqa: E402
+from aira_opt.benchmark.weights import gguf_type, gguf_weight_bytes  # noqa: E402
 from aira_opt.generation.generator import GenerateOptions, generate  # noqa: E402
 from aira_opt.generation.sampling import GREEDY  # noqa: E402
 from aira_opt.runtime.ort import OrtDecoder  # noqa: E402

@@ -100,8 +100,8 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_bench_finds_the_default_export_of_a_shallow_preset_by_the_same_name(tmp_path, monkeypatch):
     """One naming rule for a depth-overridden preset: where export files it is where bench looks for it."""
-    from aira_opt.bench.backends import BenchSources
-    from aira_opt.bench.jobs import plan_jobs
+    from aira_opt.benchmark.backends import BenchSources
+    from aira_opt.benchmark.jobs import plan_jobs
 
     loaded = load_model("aira-2-1b1-random", num_layers=2)
     folder = tmp_path / "export" / loaded.name / "fp32"

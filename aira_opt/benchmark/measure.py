@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from aira_opt.bench.machine import machine_info, peak_gpu_mb, peak_rss_mb, probe_bandwidth_gbps
-from aira_opt.bench.backends import RUNNERS, Job
+from aira_opt.benchmark.machine import machine_info, peak_gpu_mb, peak_rss_mb, probe_bandwidth_gbps
+from aira_opt.benchmark.backends import RUNNERS, Job
 from aira_opt.core.progress import bar
 
 
@@ -121,7 +121,7 @@ def run_in_other_python(job: Job, *args: Any, timeout: float = 3600) -> tuple[st
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
     request = json.dumps({"job": asdict(job), "args": args})
     try:
-        done = subprocess.run([job.python, "-m", "aira_opt.bench.measure"], input=request, capture_output=True,
+        done = subprocess.run([job.python, "-m", "aira_opt.benchmark.measure"], input=request, capture_output=True,
                               text=True, env=env, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return "error", f"{type(exc).__name__}: {exc}"
@@ -134,7 +134,7 @@ def run_in_other_python(job: Job, *args: Any, timeout: float = 3600) -> tuple[st
 
 
 def child_main() -> None:
-    """`python -m aira_opt.bench.measure`: the other side of run_in_other_python."""
+    """`python -m aira_opt.benchmark.measure`: the other side of run_in_other_python."""
     request = json.loads(sys.stdin.read())
     job = Job(**request["job"])
     settings, warmup, repeats, threads, prompts, eos, pad = request["args"]

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from aira_opt.bench.weights import gguf_type, gguf_weight_bytes, onnx_weight_bytes
+from aira_opt.benchmark.weights import gguf_type, gguf_weight_bytes, onnx_weight_bytes
 from aira_opt.core.errors import TensorRTUnavailableError
 from aira_opt.folders import EngineFolder, ExportFolder
 from aira_opt.generation.generator import GenerateOptions, generate

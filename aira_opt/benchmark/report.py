@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aira_opt.bench.measure import BenchReport
+from aira_opt.benchmark.measure import BenchReport
 from aira_opt.core.tables import markdown_table, text_table
 
 

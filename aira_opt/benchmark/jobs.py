@@ -5,12 +5,14 @@ the model's context)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from aira_opt.bench.backends import RUNNERS, BenchSources, Job
-from aira_opt.core.errors import AiraOptError
+from aira_opt.benchmark.backends import RUNNERS, BenchSources, Job
+from aira_opt.benchmark.measure import BenchReport, Setting, run_bench
+from aira_opt.core.errors import AiraOptError, OptionError
 from aira_opt.exporting.support import read_format
 from aira_opt.folders import ExportFolder, default_export_path
 from aira_opt.precision.variants import source_variant
@@ -76,3 +78,19 @@ def model_context(sources: BenchSources) -> int | None:
     if sources.onnx_dirs:
         return ExportFolder(sources.onnx_dirs[0]).context_length
     return None
+
+
+def bench(sources: BenchSources, backends: list[str], settings: list[Setting], warmup: int = 1, repeats: int = 3,
+          threads: int | None = None, progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Plan the jobs, check every setting fits the model, run them; a report with no result at all is an error
+    naming why each backend was skipped."""
+    plan = plan_jobs(sources, backends)
+    longest = max(settings, key=lambda s: s.prompt_length + s.new_tokens)
+    if plan.context is not None and longest.prompt_length + longest.new_tokens > plan.context:
+        raise OptionError(f"a {longest.prompt_length}-token prompt + {longest.new_tokens} new tokens exceeds the "
+                          f"model's context of {plan.context}; lower --prompt-lengths or --new-tokens")
+    report = run_bench(plan.jobs, settings, warmup, repeats, threads, plan.token_ids, plan.eos, plan.pad,
+                       skipped=plan.skipped, progress=progress)
+    if not report.results:
+        raise AiraOptError("no backend produced a result: " + "; ".join(s["reason"] for s in report.skipped))
+    return report
