@@ -23,8 +23,7 @@ from aira_opt.core.progress import print_progress
 from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.folders import ExportFolder
 from aira_opt.inspection import inspect_folder
-from aira_opt.pipeline.export_plan import kernel_choices, plan_export
-from aira_opt.pipeline.export_run import run_export
+from aira_opt.pipeline.export_plan import kernel_choices
 from aira_opt.precision.variants import BLOCK_SIZES, exportable_names
 from aira_opt.runners import chosen_folder
 from aira_opt.runtime.providers import PROVIDERS
@@ -154,9 +153,8 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
                atol: float | None, block_size: int | None, fuse: bool | None, exporter_name: str,
                kernels: str) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
-    plan = plan_export(model_spec, precision, output, num_layers=num_layers, force=force, block_size=block_size,
-                       fuse=fuse, atol=atol, exporter=exporter_name, kernels=kernels)  # every option, before loading
-    folder = run_export(plan, on_progress=print_progress)
+    folder = api.export(model_spec, precision, output, force=force, on_progress=print_progress, num_layers=num_layers,
+                        block_size=block_size, fuse=fuse, atol=atol, exporter=exporter_name, kernels=kernels)
     click.echo(f"wrote {folder.path}")
 
 
