@@ -125,3 +125,16 @@ def test_failed_validation_raises_one_error_listing_every_mismatch(tiny, tmp_pat
         export_model(tiny, "fp32", tmp_path / "out", atol=1e-12, quiet=True)
     assert len(info.value.mismatches) >= 4 and "prefill" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_fp32_export_is_not_reused_but_exported_afresh(tiny, tmp_path):
+    """The variants start from export/<model>/fp32 when it matches; one whose manifest is damaged cannot vouch
+    for its graph, so the fp32 graph is exported again instead of the export failing."""
+    from aira_opt.pipeline.export_run import reusable_fp32
+    from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
+
+    fp32 = tmp_path / "export" / "aira-tiny" / "fp32"
+    fp32.mkdir(parents=True)
+    (fp32 / "model.onnx").write_bytes(b"")
+    (fp32 / "manifest.json").write_text("{not json")
+    assert reusable_fp32(tiny, fp32, EXPORTERS[DEFAULT_EXPORTER]) is None

@@ -12,7 +12,7 @@ from typing import Any
 
 from aira_opt.core.artifacts import atomic_folder, write_manifest
 from aira_opt.core.contract import DecoderContract
-from aira_opt.core.errors import ValidationError
+from aira_opt.core.errors import ExportFolderError, ValidationError
 from aira_opt.core.progress import ProgressCallback, Steps
 from aira_opt.exporting.exporters import OPSET, Exporter
 from aira_opt.exporting.onnx_files import remove_model_files
@@ -32,7 +32,10 @@ def reusable_fp32(loaded: LoadedModel, folder: Path, by: Exporter) -> Path | Non
     export = ExportFolder(folder) if Path(folder).is_dir() else None
     if export is None or not export.has_manifest:
         return None
-    manifest = export.manifest
+    try:
+        manifest = export.manifest
+    except ExportFolderError:  # a damaged manifest: that folder cannot vouch for its graph
+        return None
     if not manifest.variant.is_source_graph or manifest.fused or manifest.exporter != by.description:
         return None  # a fused fp32 graph cannot be fused again or fed to the TensorRT-facing variants
     if manifest.source_model != json.loads(json.dumps(loaded.describe())) or export.verify():
