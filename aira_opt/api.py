@@ -14,7 +14,7 @@ Errors are aira-opt's own (aira_opt.AiraOptError and its subclasses), each with 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
@@ -28,8 +28,7 @@ from aira_opt.core.errors import AiraOptError, OptionError
 from aira_opt.core.progress import ProgressCallback
 from aira_opt.folders import EngineFolder, ExportFolder, open_folder
 from aira_opt.generation.defaults import generate_options
-from aira_opt.generation.generator import (GenerateOptions, GenerationResult, Generator, Row, check_context,
-                                          generate)
+from aira_opt.generation.generator import GenerateOptions, GenerationResult, Generator, Row, fitted, generate
 from aira_opt.generation.streaming import TextStream
 from aira_opt.pipeline.export_plan import ExportPlan, plan_export
 from aira_opt.pipeline.export_run import run_export
@@ -151,10 +150,7 @@ class Model:
         if chosen.num_return_sequences != 1:
             raise OptionError("stream gives one answer; use generate for num_return_sequences above 1")
         ids = self.prompt_ids(prompt)
-        context = int(self.runner.config.get("max_position_embeddings", 2048))
-        if chosen.fit_context:  # a default budget: what the context leaves
-            chosen = replace(chosen, max_new_tokens=max(1, min(chosen.max_new_tokens, context - len(ids))))
-        check_context([ids], chosen.max_new_tokens, context)
+        chosen = fitted(self.runner, [ids], chosen)
         text = TextStream(self.tokenizer)
         row = Row(ids, chosen)
         generator = Generator(self.runner, self.prompt_format.stop_ids, self.prompt_format.pad_id)

@@ -68,13 +68,6 @@ class Manifest:
                 values.pop(name, None)
         return cls(**values)
 
-    def to_json(self) -> dict[str, Any]:
-        """The manifest as written: `files` last, so the hashes close the file."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "files"}
-        data = {"format": data.pop("format"), "created": data.pop("created"), "versions": data.pop("versions"),
-                **{k: v for k, v in data.items() if v is not None}}
-        return {**data, "files": self.files}
-
     @property
     def variant(self) -> Variant:
         """The precision's record (thresholds, targets, what may run it); an unknown one is a one-line error."""

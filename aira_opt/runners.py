@@ -11,7 +11,6 @@ from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.runner import Decoder
 from aira_opt.tensorrt.engines import TrtDecoder
 
-ModelFolder = ExportFolder | EngineFolder
 
 
 def chosen_folder(onnx_dir: Path | None, engine_dir: Path | None) -> ExportFolder | EngineFolder:

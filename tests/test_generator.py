@@ -90,3 +90,27 @@ def test_a_static_batch_keeps_its_shape_and_each_row_its_own_tokens(tiny, tiny_e
     assert heights == {len(prompts)}
     assert [r.tokens for r in rows] == alone
     assert rows[1].ended == LENGTH and len(rows[1].tokens) == 5
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_cancelled_row_ends_at_once_and_the_others_go_on(tiny, tiny_export, compact):
+    """Cancelling a row between steps (its client left): no more tokens for it; in a compact batch it leaves at
+    the next step, so it costs nothing more."""
+    tok = tiny.tokenizer
+    prompts = [prompt_ids(tok, q) for q in QUESTIONS[:2]]
+    with OrtDecoder(tiny_export) as decoder:
+        alone = each_alone(decoder, prompts, tok)
+        batch = Generator(decoder, [tok.eos_token_id], tok.pad_token_id, compact=compact)
+        leaving, staying = rows = [Row(p, options(i)) for i, p in enumerate(prompts)]
+        batch.add(rows, max(len(p) for p in prompts) + 40)
+        batch.step()
+        batch.step()
+        leaving.cancel()
+        heights = set()
+        while batch.active:
+            batch.step()
+            heights.add(batch.mask.shape[0] if batch.active else None)
+        heights.discard(None)  # the batch after its last row ended
+    assert leaving.ended == CANCELLED and leaving.tokens == alone[0][:2]
+    assert staying.tokens == alone[1]
+    assert heights == ({1} if compact else {2})

@@ -90,11 +90,6 @@ class Generator:
         """Rows still generating."""
         return sum(row.ended is None for row in self.rows)
 
-    @property
-    def can_join(self) -> bool:
-        """Whether rows may be added while others run (compact, on a runner with host cache access)."""
-        return self.compact
-
     def add(self, rows: Sequence[Row], capacity: int | None = None) -> None:
         """Prefill `rows` together and put them in the batch. capacity: every position this batch will fill (the
         longest prompt plus the largest budget), so a runner that can preallocates its cache once."""
@@ -108,7 +103,7 @@ class Generator:
             self.logits, self.cache = self._forward(input_ids, mask, self.prefill_seconds)
             self.mask, self.padded_prompt_length = mask, self.padded_prompt_length or input_ids.shape[1]
             return
-        if not self.can_join:
+        if not self.compact:
             raise ValueError("rows can join a running batch only in a compact generator over a runner with host "
                              "cache access")
         fresh = self.model.empty_cache(len(rows))
@@ -132,7 +127,7 @@ class Generator:
                                      [r.rng for r in self.rows])  # [B]
         ended = []
         for i, row in enumerate(self.rows):
-            if row.ended is not None:  # static: an ended row carries a pad
+            if row.ended is not None:  # static: an ended row carries a pad (compact: one cancelled since the last step)
                 chosen[i] = self.pad_id
                 continue
             token = int(chosen[i])
@@ -145,7 +140,7 @@ class Generator:
                 row.ended = LENGTH
             if row.ended is not None:
                 ended.append(row)
-        if self.compact and ended:
+        if self.compact and len(self.rows) > self.active:
             keep = [i for i, row in enumerate(self.rows) if row.ended is None]
             self._keep(keep)
             chosen = chosen[keep]
@@ -228,6 +223,17 @@ def check_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, context
         )
 
 
+def fitted(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions) -> GenerateOptions:
+    """The options with their budget checked against the model's context: a default budget (fit_context) shrinks
+    to what the longest prompt leaves; one the user gave that does not fit is a one-line error."""
+    context = int(model.config.get("max_position_embeddings", 2048))
+    if options.fit_context:
+        room = context - max(len(p) for p in prompts)
+        options = replace(options, max_new_tokens=max(1, min(options.max_new_tokens, room)))
+    check_context(prompts, options.max_new_tokens, context)
+    return options
+
+
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, stop_ids: int | Sequence[int],
              pad_id: int, on_token: Callable[[int, int], bool | None] | None = None) -> GenerationResult:
     """A static batch of tokenized prompts (each already in the model's prompt format) to its end; a sequence
@@ -237,11 +243,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: Generate
         raise ValueError("no prompts")
     if options.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    context = int(model.config.get("max_position_embeddings", 2048))
-    if options.fit_context:
-        room = context - max(len(p) for p in prompts)
-        options = replace(options, max_new_tokens=max(1, min(options.max_new_tokens, room)))
-    check_context(prompts, options.max_new_tokens, context)
+    options = fitted(model, prompts, options)
     rng = np.random.default_rng(options.seed)
     expanded = [list(p) for p in prompts for _ in range(options.num_return_sequences)]
     rows = [Row(p, options, None if on_token is None else (lambda t, i=i: on_token(i, t)), rng=rng)

@@ -48,10 +48,6 @@ class ExportPlan:
     def folder_name(self) -> str:
         return self.variant.folder_name(self.block_size, self.fused)
 
-    def describe(self) -> str:
-        return (f"{self.model} as {self.folder_name} ({self.exporter.description}) -> {self.output}"
-                + (f", kernels {self.kernels}" if self.kernel_candidates else ""))
-
 
 def plan_export(model: str = "aira-tiny", precision: str = "fp32", output: Path | str | None = None, *,
                 num_layers: int | None = None, force: bool = False, block_size: int | None = None,

@@ -194,7 +194,7 @@ class BatchEngine:
         """Let waiting requests join (blocking for one when the batch is empty and `block`), then one decode step.
         A runner without host cache access takes newcomers only into an empty batch. False when there was
         nothing to do."""
-        room = self.max_rows - batch.active if batch.can_join or batch.active == 0 else 0
+        room = self.max_rows - batch.active if batch.compact or batch.active == 0 else 0
         newcomers = self._take(room, block=block and batch.active == 0)
         if not newcomers and batch.active == 0:
             return False
