@@ -33,7 +33,7 @@ from aira_opt.generation.streaming import TextStream
 from aira_opt.pipeline.export_plan import ExportPlan, plan_export
 from aira_opt.pipeline.export_run import run_export
 from aira_opt.runners import open_runner
-from aira_opt.runtime.runner import Decoder
+from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.prompts import decode_answer, prompt_ids
 
 __all__ = ["load", "export", "plan_export", "run_export", "check", "bench", "inspect", "Model", "Answer",

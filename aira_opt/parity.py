@@ -1,6 +1,6 @@
 """`check`: parity of an ONNX export (through our loop) with the PyTorch fp32 baseline.
 
-Two runners of one family (PyTorch's and the export's, runtime.runner.Decoder) produce comparable data, the one
+Two runners of one family (PyTorch's and the export's, runtime.protocol.Decoder) produce comparable data, the one
 comparator (runtime.compare) measures it, and the thresholds come from the export's variant record:
 - greedy sequences, per prompt (our loop vs transformers' generate), exact match;
 - logits under teacher forcing: the ONNX model is fed PyTorch's greedy tokens one decode step at a time
@@ -29,7 +29,7 @@ from aira_opt.precision.variants import VARIANTS, Thresholds
 from aira_opt.runtime.compare import Comparison
 from aira_opt.runtime.pytorch import BASELINES, TorchDecoder
 from aira_opt.runners import open_runner
-from aira_opt.runtime.runner import Decoder
+from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.corpus import CHAT_QUESTIONS, heldout_english, heldout_pairs
 from aira_opt.source.models import LoadedModel, load_model
 from aira_opt.source.prompts import (

@@ -8,7 +8,7 @@ from pathlib import Path
 from aira_opt.core.errors import AiraOptError
 from aira_opt.folders import EngineFolder, ExportFolder, open_folder
 from aira_opt.runtime.ort import OrtDecoder
-from aira_opt.runtime.runner import Decoder
+from aira_opt.runtime.protocol import Decoder
 from aira_opt.tensorrt.engines import TrtDecoder
 
 

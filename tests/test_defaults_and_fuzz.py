@@ -23,7 +23,7 @@ from aira_opt.generation.sampling import (
     apply_top_k,
     apply_top_p,
 )
-from aira_opt.runtime.runner import CacheCapacityError, KVCache
+from aira_opt.runtime.protocol import CacheCapacityError, KVCache
 from aira_opt.source.models import PRESETS, bundled_model_dir, known_specs
 from aira_opt.source.prompts import DEFAULT_CHECK_PROMPTS, prompt_ids
 from aira_opt.tensorrt.build_plan import BuildOptions

@@ -1,5 +1,5 @@
 """Bench backends: one runner per backend, in the runner family's interface (activate / deactivate, as every
-runtime.runner.Runner, plus `infer`), in a registry that `--backends` chooses from. Each backend also says which
+runtime.protocol.Runner, plus `infer`), in a registry that `--backends` chooses from. Each backend also says which
 sources it takes (`plan`: export folders, engine folders, GGUF files, the source model), so planning never
 branches on backend names. Each runs greedy on given token ids for a fixed number of new tokens, eos ignored,
 and returns the time to the first token and the time of every decode step."""
@@ -26,7 +26,7 @@ from aira_opt.precision.variants import variant_named_in
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.providers import PROVIDERS, session_options
 from aira_opt.runtime.pytorch import Timings, hf_generate_timings
-from aira_opt.runtime.runner import Decoder, Runner
+from aira_opt.runtime.protocol import Decoder, Runner
 from aira_opt.source.models import load_model
 from aira_opt.tensorrt.engines import TrtDecoder, import_tensorrt, require_gpu
 

@@ -24,7 +24,7 @@ import numpy as np
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.core.errors import PromptTooLongError
 from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next_per_row
-from aira_opt.runtime.runner import Decoder, KVCache
+from aira_opt.runtime.protocol import Decoder, KVCache
 
 
 @dataclass(frozen=True)

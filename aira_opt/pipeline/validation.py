@@ -1,5 +1,5 @@
 """Right after export: the export's runner against PyTorch's, prefill and decode, batch 1 and 2 with left
-padding. Both are driven through the same step interface (runtime.runner.Decoder) and judged by the one
+padding. Both are driven through the same step interface (runtime.protocol.Decoder) and judged by the one
 comparator (runtime.compare); every miss is collected, then one ValidationError lists them all."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from aira_opt.precision.variants import Tolerance
 from aira_opt.runtime.compare import Comparison
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.pytorch import TorchDecoder
-from aira_opt.runtime.runner import Decoder
+from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.models import LoadedModel
 from aira_opt.source.prompts import ordinary_token_ids
 

@@ -24,7 +24,7 @@ from aira_opt.core.cpu import has_int8_dot
 from aira_opt.core.errors import ExportFolderError, ProviderUnavailableError
 from aira_opt.folders import ExportFolder, Manifest
 from aira_opt.runtime.providers import resolve_provider, session_options
-from aira_opt.runtime.runner import KVCache, Runner, StepOutput
+from aira_opt.runtime.protocol import KVCache, Runner, StepOutput
 
 
 def saturation_risk(manifest: Manifest) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from aira_opt.core.contract import DecoderContract
-from aira_opt.runtime.runner import KVCache, Runner, StepOutput
+from aira_opt.runtime.protocol import KVCache, Runner, StepOutput
 from aira_opt.source.compat import forward
 from aira_opt.source.models import LoadedModel
 

@@ -26,7 +26,7 @@ from aira_opt.generation.defaults import generate_options
 from aira_opt.generation.generator import Generator
 from aira_opt.generation.generator import Row as GeneratorRow
 from aira_opt.generation.streaming import TextStream
-from aira_opt.runtime.runner import Decoder
+from aira_opt.runtime.protocol import Decoder
 from aira_opt.serve.protocol import BadRequest, GenerateRequest, fit_to_context, parse_request
 from aira_opt.source.prompts import decode_answer, prompt_ids
 

@@ -19,7 +19,7 @@ import numpy as np
 from aira_opt.core.artifacts import atomic_folder, refuse_existing, sha256_file
 from aira_opt.core.errors import TensorRTUnavailableError
 from aira_opt.folders import PLAN_FILE, SIDECAR, SOURCE_MANIFEST, EngineFolder, EngineRecord
-from aira_opt.runtime.runner import Runner, KVCache, StepOutput
+from aira_opt.runtime.protocol import Runner, KVCache, StepOutput
 from aira_opt.tensorrt.build_plan import BuildPlan, Profile, ShapeRange, hardware_compatibility, profile_for
 
 INSTALL_HINT = "pip install 'aira-opt[trt]'"
