@@ -68,6 +68,13 @@ class Manifest:
                 values.pop(name, None)
         return cls(**values)
 
+    def contents(self) -> dict[str, Any]:
+        """What an export says of itself, as manifest.json spells it: every field but those the writer adds
+        (core.artifacts.write_manifest: format, created, versions, files); fields left unset are left out."""
+        added = {"format", "created", "versions", "files"}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in added and getattr(self, f.name) is not None}
+
     @property
     def variant(self) -> Variant:
         """The precision's record (thresholds, targets, what may run it); an unknown one is a one-line error."""

@@ -111,6 +111,9 @@ def test_export_returns_a_verified_typed_folder_and_reports_progress(tmp_path):
     assert folder.manifest.source_spec == "aira-tiny" and folder.manifest.label == "fp32"
     assert folder.manifest.validation["max_abs_logit_diff"] < 1e-3
     assert folder.config["num_hidden_layers"] == folder.contract.num_layers
+    written = json.loads((folder.path / "manifest.json").read_text())  # the typed record spells the file's keys
+    assert folder.manifest.contents() == {k: v for k, v in written.items()
+                                          if k not in ("format", "created", "versions", "files")}
     steps = [e for e in events if e.step]
     total = steps[0].total
     assert [e.step for e in steps] == [n for n in range(1, total + 1) for _ in range(2)]  # start, then done

@@ -18,7 +18,7 @@ from aira_opt.exporting.exporters import OPSET, Exporter
 from aira_opt.exporting.onnx_files import remove_model_files
 from aira_opt.exporting.portable import make_portable
 from aira_opt.exporting.support import model_format, write_support_files
-from aira_opt.folders import ExportFolder
+from aira_opt.folders import ExportFolder, Manifest
 from aira_opt.pipeline.export_plan import ExportPlan
 from aira_opt.pipeline.validation import validate_export
 from aira_opt.precision.kernels import KernelCandidate, KernelChoice, choose_kernels
@@ -108,20 +108,20 @@ def run_export(plan: ExportPlan, on_progress: ProgressCallback | None = None,
             steps.note(f"warning: {len(report['misses'])} case(s) below the sanity bar; not enforced for random "
                        "weights")
         with steps.step("hashing files into manifest.json"):
-            write_manifest(tmp, {
-                "precision": record.name,
-                "target": record.target,
-                "source_model": loaded.describe(),
-                "prompt_format": model_format(loaded).describe(),
-                "opset": OPSET,
-                "exporter": plan.exporter.description,
-                "contract": DecoderContract.from_config(loaded.config).describe(),
-                "kept_fp32": result.kept_fp32,
-                "quantization": result.quantization,
-                "graph": graph_record(result.fusion),
-                **({"kernels": choice.manifest(attempt, rejected)} if choice and attempt else {}),
-                "validation": report,
-            })
+            write_manifest(tmp, Manifest(
+                precision=record.name,
+                target=record.target,
+                source_model=loaded.describe(),
+                prompt_format=model_format(loaded).describe(),
+                opset=OPSET,
+                exporter=plan.exporter.description,
+                contract=DecoderContract.from_config(loaded.config).describe(),
+                kept_fp32=result.kept_fp32,
+                quantization=result.quantization or {},
+                graph=graph_record(result.fusion),
+                kernels=choice.manifest(attempt, rejected) if choice and attempt else None,
+                validation=report,
+            ).contents())
     return ExportFolder(plan.output)
 
 
