@@ -170,7 +170,7 @@ class Model:
 def load(folder: FolderLike, provider: str = "cpu", threads: int | None = None) -> Model:
     """An export folder (ONNX Runtime on `provider`: cpu, cuda, tensorrt) or an engine folder (TensorRT),
     loaded and ready to answer."""
-    opened = folder if isinstance(folder, (ExportFolder, EngineFolder)) else open_folder(folder)
+    opened = open_folder(folder)
     runner = open_runner(opened, provider, threads)
     runner.activate()
     try:
@@ -195,7 +195,7 @@ def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str
     """Parity of an export (or engine) with the PyTorch model it came from: the record `check --json` prints.
     Its `passed` says whether the variant's thresholds were met. prompts: questions, or a file of one per
     line (default: the built-in ones for the export's prompt format)."""
-    opened = folder if isinstance(folder, (ExportFolder, EngineFolder)) else open_folder(folder)
+    opened = open_folder(folder)
     if prompts is not None and not isinstance(prompts, (str, Path)):
         prompts = [str(p) for p in prompts]
         if not prompts:
@@ -224,5 +224,4 @@ def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines:
 def inspect(folder: FolderLike) -> dict[str, Any]:
     """`aira-opt inspect`: what an export or engine folder holds; `problems` lists every file that does not match
     its recorded hash."""
-    path = folder.path if isinstance(folder, (ExportFolder, EngineFolder)) else Path(folder)
-    return inspect_folder(path)[0]
+    return inspect_folder(open_folder(folder).path)[0]

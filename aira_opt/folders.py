@@ -279,8 +279,11 @@ class EngineFolder(ModelFolder):
         return problems
 
 
-def open_folder(path: Path | str) -> ExportFolder | EngineFolder:
-    """An engine folder when it holds a TensorRT plan's record, else an export folder."""
+def open_folder(path: Path | str | ModelFolder) -> ExportFolder | EngineFolder:
+    """An engine folder when it holds a TensorRT plan's record, else an export folder; one already opened is
+    returned as it is (with what it has read so far)."""
+    if isinstance(path, (ExportFolder, EngineFolder)):
+        return path
     path = Path(path)
     if not path.is_dir():
         raise ExportFolderError(f"'{path}' is not a folder (an export folder from `aira-opt export`, or an engine "

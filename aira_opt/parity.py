@@ -108,7 +108,7 @@ def greedy_tokens(decoder: Decoder, ids: list[int], max_new_tokens: int, fmt: Pr
     return result.tokens[0]
 
 
-# Comparator ------------------------------------------------------------------------------------------
+# Judging ---------------------------------------------------------------------------------------------
 def judge(report: CheckReport, limits: Thresholds) -> list[str]:
     """Every threshold the report misses, as one line each."""
     failures = []

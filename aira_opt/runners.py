@@ -24,7 +24,7 @@ def open_runner(folder: Path | str | ExportFolder | EngineFolder, provider: str 
                 threads: int | None = None) -> Decoder:
     """The (not yet activated) runner for a folder: TensorRT for an engine folder, else ONNX Runtime with
     `provider` and `threads`."""
-    opened = folder if isinstance(folder, (ExportFolder, EngineFolder)) else open_folder(folder)
+    opened = open_folder(folder)
     if isinstance(opened, EngineFolder):
         return TrtDecoder(opened)
     return OrtDecoder(opened, provider=provider, threads=threads)

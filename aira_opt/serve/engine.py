@@ -105,8 +105,7 @@ class BatchEngine:
     max_rows: int = 16  # most requests decoding at once; the others wait for a row to free up
 
     def __post_init__(self) -> None:
-        if not isinstance(self.folder, (ExportFolder, EngineFolder)):
-            self.folder = open_folder(self.folder)
+        self.folder = open_folder(self.folder)
         self.tokenizer = self.folder.tokenizer
         self.format = self.folder.prompt_format
         self.defaults = generate_options(self.folder.generation_config)
