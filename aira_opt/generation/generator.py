@@ -12,6 +12,10 @@ ended row is the generator's policy:
   uses are trimmed.
 Either way a row's tokens are the ones it would get alone: it keeps its own options, generator and history (the
 repetition penalty sees only its own prompt and tokens).
+
+A row whose options ask for speculation (generation.speculative) gets proposals after its token is chosen; the
+step then runs the target over the token and the proposals at once and hands the row every proposal the target
+accepts. Greedy rows get exactly the tokens of the plain loop; sampling rows get the target's distribution.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import numpy as np
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.core.errors import PromptTooLongError
 from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next_per_row
+from aira_opt.generation.speculative import (DRAFT, NGRAM, Acceptance, DraftProposer, Speculation, StepCosts,
+                                             draw, forward_chunk, ngram_proposal, repack, room, settle, summary,
+                                             verify)
 from aira_opt.runtime.protocol import Decoder, KVCache
 
 
@@ -35,6 +42,7 @@ class GenerateOptions:
     num_return_sequences: int = 1
     ignore_eos: bool = False  # bench: every run produces exactly max_new_tokens
     fit_context: bool = False  # a default max_new_tokens: shorten it to what the context leaves, never fail
+    speculation: Speculation | None = None  # propose tokens and verify them in one step (same output)
 
 
 # Called with each token a row chooses; returning False ends the row there (a client that left).
@@ -52,10 +60,22 @@ class Row:
     rng: np.random.Generator = field(default=None)  # type: ignore[assignment]  # default: from options.seed
     tokens: list[int] = field(default_factory=list)
     ended: str | None = None  # STOP, LENGTH or CANCELLED once it has ended
+    acceptance: Acceptance | None = None  # speculating rows: what was proposed and accepted
+    next_probs: np.ndarray | None = None  # [V]: after a rejected proposal, where the next token is drawn from
 
     def __post_init__(self) -> None:
         if self.rng is None:
             self.rng = np.random.default_rng(self.options.seed)
+        if self.options.speculation is not None and self.acceptance is None:
+            self.acceptance = Acceptance(self.options.speculation)
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt + self.tokens
+
+    @property
+    def budget_left(self) -> int:
+        return self.options.max_new_tokens - len(self.tokens)
 
     def cancel(self) -> None:
         """End the row before its next token (its client left)."""
@@ -71,8 +91,13 @@ def supports_host_cache(model: Decoder) -> bool:
 class Generator:
     """The running batch of one decoder: `add` rows, then `step` until `active` is 0."""
 
-    def __init__(self, model: Decoder, stop_ids: int | Sequence[int], pad_id: int, compact: bool = False):
-        self.model = model
+    def __init__(self, model: Decoder, stop_ids: int | Sequence[int], pad_id: int, compact: bool = False,
+                 draft: Decoder | None = None):
+        if draft is not None and compact:
+            raise ValueError("a draft model runs beside a static batch only (rows cannot join its cache)")
+        self.model, self.draft = model, draft
+        self.drafter: DraftProposer | None = None  # the draft's state over this batch, from the first `add`
+        self.costs = StepCosts()
         self.stops = np.array([stop_ids] if isinstance(stop_ids, (int, np.integer)) else list(stop_ids),
                               dtype=np.int64)
         self.pad_id = pad_id
@@ -96,9 +121,14 @@ class Generator:
         rows = list(rows)
         if not rows:
             return
+        if any(r.options.speculation is not None and r.options.speculation.method == DRAFT for r in rows) \
+                and self.draft is None:
+            raise ValueError("a row asks for a draft model's proposals and this generator has none")
         input_ids, mask = left_pad([r.prompt for r in rows], self.pad_id)  # [N, S]
         if self.active == 0:
             self.rows = rows
+            if self.draft is not None:
+                self.drafter = DraftProposer(self.draft, self.pad_id, len(rows), capacity)
             self.cache = self.model.empty_cache(len(rows), None if self.compact else capacity)
             self.logits, self.cache = self._forward(input_ids, mask, self.prefill_seconds)
             self.mask, self.padded_prompt_length = mask, self.padded_prompt_length or input_ids.shape[1]
@@ -119,26 +149,18 @@ class Generator:
         self.rows += rows
 
     def step(self) -> list[Row]:
-        """Choose every row's next token, hand each to its row, end the rows that are done, decode the others.
-        Returns the rows that ended in this step."""
+        """Choose every row's next token, hand each to its row, end the rows that are done, decode the others
+        (with the proposals of speculating rows, of which each row keeps what the target accepts). Returns the
+        rows that ended in this step."""
         if self.active == 0:
             return []
-        chosen = select_next_per_row(self.logits, self._history(), [r.options.sampling for r in self.rows],
-                                     [r.rng for r in self.rows])  # [B]
+        chosen = self._choose()  # [B]
         ended = []
         for i, row in enumerate(self.rows):
             if row.ended is not None:  # static: an ended row carries a pad (compact: one cancelled since the last step)
                 chosen[i] = self.pad_id
                 continue
-            token = int(chosen[i])
-            row.tokens.append(token)
-            if row.on_token is not None and row.on_token(token) is False:
-                row.ended = CANCELLED
-            elif token in self.stops and not row.options.ignore_eos:
-                row.ended = STOP
-            elif len(row.tokens) >= row.options.max_new_tokens:
-                row.ended = LENGTH
-            if row.ended is not None:
+            if self._hand(row, int(chosen[i])):
                 ended.append(row)
         if self.compact and len(self.rows) > self.active:
             keep = [i for i, row in enumerate(self.rows) if row.ended is None]
@@ -146,9 +168,128 @@ class Generator:
             chosen = chosen[keep]
         if self.active == 0:
             return ended
-        self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), dtype=np.int64)], axis=1)  # [B, T + 1]
-        self.logits, self.cache = self._forward(chosen[:, None], self.mask, self.decode_seconds)
+        proposals, probs, ks = self._propose()
+        if not any(proposals):
+            self._fit(1)
+            self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), dtype=np.int64)], axis=1)  # [B, T+1]
+            self.logits, self.cache = self._forward(chosen[:, None], self.mask, self.decode_seconds)
+            self.costs.record(1, self.decode_seconds[-1])
+            return ended
+        return ended + self._verify(chosen, proposals, probs, ks)
+
+    def _choose(self) -> np.ndarray:
+        """Every row's next token from the logits: [B]. A row whose proposal was just rejected draws from what
+        rejection sampling left it instead."""
+        chosen = select_next_per_row(self.logits, self._history(), [r.options.sampling for r in self.rows],
+                                     [r.rng for r in self.rows])  # [B]
+        for i, row in enumerate(self.rows):
+            if row.next_probs is not None:
+                chosen[i], row.next_probs = draw(row.next_probs, row.rng), None
+        return chosen
+
+    def _hand(self, row: Row, token: int) -> bool:
+        """Give `row` its next token; True when that ends it."""
+        row.tokens.append(token)
+        if row.on_token is not None and row.on_token(token) is False:
+            row.ended = CANCELLED
+        elif token in self.stops and not row.options.ignore_eos:
+            row.ended = STOP
+        elif len(row.tokens) >= row.options.max_new_tokens:
+            row.ended = LENGTH
+        return row.ended is not None
+
+    def _propose(self) -> tuple[list[list[int]], list[np.ndarray | None], list[int]]:
+        """Each row's proposals (none for rows not speculating, ended, or choosing not to now), the draft's
+        distributions for sampling rows, and how many tokens each row asked its draft for."""
+        batch = len(self.rows)
+        proposals: list[list[int]] = [[] for _ in range(batch)]
+        probs: list[np.ndarray | None] = [None] * batch
+        ks = [0] * batch
+        if batch > 1 and not getattr(self.model, "batched_chunks", True):
+            return proposals, probs, ks  # the runner verifies one row at a time only: plain steps
+        drafts = batch == 1 or getattr(self.draft, "batched_chunks", True)
+        for i, row in enumerate(self.rows):
+            if row.ended is not None or row.acceptance is None:
+                continue
+            speculation = row.acceptance.speculation
+            if speculation.method == DRAFT and not drafts:
+                continue
+            k = min(row.acceptance.choose(self.costs, speculation.method == DRAFT), row.budget_left)
+            if k <= 0:
+                row.acceptance.plain_steps += 1
+            elif speculation.method == NGRAM:
+                proposals[i] = ngram_proposal(row.history, k, speculation.max_ngram)
+                row.acceptance.plain_steps = 0 if proposals[i] else row.acceptance.plain_steps + 1
+            else:
+                ks[i] = k
+        if any(ks):
+            assert self.drafter is not None
+            drafted, drafted_probs = self.drafter.propose([r.history for r in self.rows], ks,
+                                                          [r.options.sampling for r in self.rows],
+                                                          [r.rng for r in self.rows])
+            self.costs.record_draft(self.drafter.seconds[-1] / max(ks))
+            for i, k in enumerate(ks):
+                if k:
+                    proposals[i], probs[i] = drafted[i], drafted_probs[i]
+                    self.rows[i].acceptance.plain_steps = 0  # type: ignore[union-attr]
+        return proposals, probs, ks
+
+    def _verify(self, chosen: np.ndarray, proposals: list[list[int]], probs: list[np.ndarray | None],
+                ks: list[int]) -> list[Row]:
+        """One target step over each row's token and its proposals; each row keeps the accepted ones."""
+        width = self._fit(1 + max(len(p) for p in proposals))
+        proposals = [p[:width - 1] for p in proposals]
+        batch = len(self.rows)
+        ids = np.full((batch, width), self.pad_id, dtype=np.int64)  # [B, 1 + K]: the token, then the proposals
+        valid = np.zeros((batch, width), dtype=bool)
+        ids[:, 0], valid[:, 0] = chosen, True
+        for i, p in enumerate(proposals):
+            ids[i, 1:1 + len(p)], valid[i, 1:1 + len(p)] = p, True
+        logits, self.cache, self.mask, seconds = forward_chunk(self.model, self.cache, self.mask, ids, valid, True)
+        self.costs.record(width, seconds)  # logits: [B, 1 + K, V]
+        if self.drafter is not None and any(ks):
+            seconds += self.drafter.seconds[-1]
+        self.decode_seconds.append(seconds)
+        accepted = np.zeros(batch, dtype=np.int64)
+        ended = []
+        for i, row in enumerate(self.rows):
+            if not proposals[i] or row.ended is not None:
+                continue
+            n, row.next_probs = verify(logits[i, :len(proposals[i]) + 1], row.history, proposals[i],
+                                       row.options.sampling, row.rng, probs[i])
+            row.acceptance.record(len(proposals[i]), n)  # type: ignore[union-attr]
+            accepted[i] = n
+            for token in proposals[i][:n]:
+                if self._hand(row, token):
+                    ended.append(row)
+                    break
+        self.cache, self.mask = settle(self.cache, self.mask, width, accepted + 1)
+        self.logits = logits[np.arange(batch), accepted]  # [B, V]: where each row's next token comes from
+        if self.drafter is not None and any(ks):
+            self.drafter.settle(accepted.tolist(), ks)
         return ended
+
+    def _fit(self, width: int) -> int:
+        """The widest step (up to `width` positions) the cache has room for; an in-place cache left without room
+        by holes is repacked on the host first."""
+        assert self.cache is not None
+        left = room(self.cache)
+        if left is None or left >= width:
+            return width
+        if left >= 1:
+            return left
+        if not supports_host_cache(self.model):
+            return width  # the runner's own capacity check says what is wrong
+        self.cache, self.mask = repack(self.model, self.cache, self.mask)
+        return width
+
+    def acceptance(self) -> dict | None:
+        """The speculation of this batch's rows so far (None when no row speculates)."""
+        records = [r.acceptance for r in self.rows if r.acceptance is not None]
+        if not records:
+            return None
+        tokens = max((len(r.tokens) for r in self.rows), default=1) - 1
+        return summary(records, tokens, len(self.decode_seconds))
 
     def run(self) -> None:
         """Step until every row has ended."""
@@ -189,8 +330,9 @@ class GenerationResult:
     tokens: list[list[int]]  # new tokens per sequence, up to and including the stop id when one was produced
     finished: list[bool]  # True where the sequence ended at a stop id
     prefill_seconds: float
-    decode_seconds: list[float]  # one per decode step (the whole batch)
+    decode_seconds: list[float]  # one per decode step (the whole batch; with speculation, the draft's time too)
     padded_prompt_length: int
+    speculation: dict | None = None  # proposals and acceptance, when rows speculated (speculative.summary)
 
     @property
     def ttft_ms(self) -> float:
@@ -200,7 +342,12 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         """Tokens per second per sequence during decode (the first token comes from the prefill)."""
         total = sum(self.decode_seconds)
-        return len(self.decode_seconds) / total if total > 0 else float("nan")
+        return self.decode_tokens / total if total > 0 else float("nan")
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens the decode steps produced for the longest sequence (one per step without speculation)."""
+        return max((len(t) for t in self.tokens), default=1) - 1
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +382,8 @@ def fitted(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOp
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: GenerateOptions, stop_ids: int | Sequence[int],
-             pad_id: int, on_token: Callable[[int, int], bool | None] | None = None) -> GenerationResult:
+             pad_id: int, on_token: Callable[[int, int], bool | None] | None = None,
+             draft: Decoder | None = None) -> GenerationResult:
     """A static batch of tokenized prompts (each already in the model's prompt format) to its end; a sequence
     ends at any of `stop_ids`. on_token(row, token) is called as each token is chosen; False ends that row.
     The rows share one generator seeded by options.seed, drawing in row order."""
@@ -248,22 +396,24 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], options: Generate
     expanded = [list(p) for p in prompts for _ in range(options.num_return_sequences)]
     rows = [Row(p, options, None if on_token is None else (lambda t, i=i: on_token(i, t)), rng=rng)
             for i, p in enumerate(expanded)]
-    return run_rows(model, rows, stop_ids, pad_id)
+    return run_rows(model, rows, stop_ids, pad_id, draft)
 
 
-def run_rows(model: Decoder, rows: Sequence[Row], stop_ids: int | Sequence[int], pad_id: int) -> GenerationResult:
+def run_rows(model: Decoder, rows: Sequence[Row], stop_ids: int | Sequence[int], pad_id: int,
+             draft: Decoder | None = None) -> GenerationResult:
     """Rows that each bring their own options and generator (a server's requests batched on arrival), as one
-    static batch to its end. Each must already fit the context with its budget."""
+    static batch to its end. Each must already fit the context with its budget. draft: the runner of rows that
+    speculate with a draft model."""
     if not rows or any(r.options.max_new_tokens < 1 for r in rows):
         raise ValueError("one row per prompt, each with max_new_tokens >= 1")
-    generator = Generator(model, stop_ids, pad_id)
+    generator = Generator(model, stop_ids, pad_id, draft=draft)
     capacity = max(len(r.prompt) for r in rows) + max(r.options.max_new_tokens for r in rows)
     generator.add(rows, capacity)
     generator.run()
     return GenerationResult(prompts=[list(r.prompt) for r in rows], tokens=[list(r.tokens) for r in rows],
                             finished=[r.ended == STOP for r in rows], prefill_seconds=sum(generator.prefill_seconds),
                             decode_seconds=generator.decode_seconds,
-                            padded_prompt_length=generator.padded_prompt_length)
+                            padded_prompt_length=generator.padded_prompt_length, speculation=generator.acceptance())
 
 
 def _pad_left(array: np.ndarray, width: int, axis: int = 1) -> np.ndarray:

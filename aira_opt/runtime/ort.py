@@ -55,6 +55,8 @@ class OrtDecoder(Runner):
         # Only GroupQueryAttention can read a cache longer than its mask and write into it: fused graphs only
         # (fp32/int8/int4 on the CPU provider, fp16-cuda/int4-cuda on CUDA or the CPU); TensorRT never.
         self.in_place_cache = provider in ("cpu", "cuda") and self.manifest is not None and self.manifest.fused
+        # GroupQueryAttention takes several new positions on top of a past only at batch 1.
+        self.batched_chunks = not (self.manifest is not None and self.manifest.fused)
 
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:

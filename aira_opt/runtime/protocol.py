@@ -59,6 +59,7 @@ class Decoder(Protocol):
     provider: str  # what runs it, as reports show it
     kv_dtype: Any  # numpy dtype of the cache (known once activated)
     in_place_cache: bool  # given a capacity, it preallocates the cache once and its graph writes it in place
+    batched_chunks: bool  # a step of several positions after the prefill works at batch > 1 (speculation's verify)
 
     def activate(self) -> Decoder: ...
 
