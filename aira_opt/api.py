@@ -4,6 +4,8 @@ optimum's `ORTModelForCausalLM`. The CLI's commands are thin layers over the sam
     model = aira_opt.load("export/aira-tiny/fp32")          # an export or engine folder
     model.generate("What is the capital of Brazil?")         # -> str, with the export's own generation defaults
     model.generate(["q1", "q2"], max_new_tokens=32)          # a batch -> list[str]
+    model.generate("Repeat: ...", speculative="ngram")        # the same answer, fewer target steps
+    aira_opt.load("export/m/fp32", draft="export/m/int4")    # the int4 export drafts for the fp32 one
     for piece in model.stream("Tell me about Brazil."): ...  # text pieces as they are decoded
     folder = aira_opt.export("smollm2-135m", precision="int4", output="out/smol-int4")   # -> ExportFolder
     report = aira_opt.check(folder)                          # -> the same record as `check --json`
@@ -32,7 +34,7 @@ from aira_opt.generation.generator import GenerateOptions, GenerationResult, Gen
 from aira_opt.generation.streaming import TextStream
 from aira_opt.pipeline.export_plan import ExportPlan, plan_export
 from aira_opt.pipeline.export_run import run_export
-from aira_opt.runners import open_runner
+from aira_opt.runners import open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.prompts import decode_answer, prompt_ids
 
@@ -54,6 +56,7 @@ class Answer:
     time_to_first_token_ms: float
     tokens_per_second: float
     new_tokens: int
+    speculation: dict[str, Any] | None = None  # proposals and acceptance, when speculating
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -63,9 +66,10 @@ class Model:
     """An export (or engine) folder with an active runner, ready to answer. Use it as a context manager, or call
     `close` when done (the runner's session and memory are released)."""
 
-    def __init__(self, folder: ExportFolder | EngineFolder, runner: Decoder):
+    def __init__(self, folder: ExportFolder | EngineFolder, runner: Decoder, draft: Decoder | None = None):
         self.folder = folder
         self.runner = runner
+        self.draft = draft  # a draft model's runner: speculation proposes with it by default
         self.tokenizer = folder.tokenizer
         self.prompt_format = folder.prompt_format
 
@@ -77,6 +81,8 @@ class Model:
 
     def close(self) -> None:
         self.runner.deactivate()
+        if self.draft is not None:
+            self.draft.deactivate()
 
     def __repr__(self) -> str:
         return f"Model('{self.folder.path}', {self.runner.provider})"
@@ -84,19 +90,27 @@ class Model:
     # Options ------------------------------------------------------------------------------------------------
     def options(self, *, max_new_tokens: int | None = None, temperature: float | None = None,
                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                greedy: bool = False, seed: int | None = None, num_return_sequences: int = 1) -> GenerateOptions:
+                greedy: bool = False, seed: int | None = None, num_return_sequences: int = 1,
+                speculative: str | None = None, num_speculative_tokens: int | None = None) -> GenerateOptions:
         """The export's own generation defaults (generation_config.json), with what is given here instead.
-        temperature 0 means greedy."""
+        temperature 0 means greedy. speculative: "ngram" (prompt lookup), "draft" (the default when the model was
+        loaded with one) or "off"; the output is the same, with fewer steps of the target."""
         if num_return_sequences < 1:
             raise OptionError("num_return_sequences must be at least 1")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise OptionError("max_new_tokens must be at least 1")
         if temperature == 0:
             greedy, temperature = True, None
+        if speculative is None and self.draft is not None:
+            speculative = "draft"
+        if speculative == "draft" and self.draft is None:
+            raise OptionError("speculative 'draft' needs a draft model: load(folder, draft=DIR), or --speculative-draft DIR")
         return generate_options(self.folder.generation_config, greedy=greedy, seed=seed,
                                 num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty)
+                                repetition_penalty=repetition_penalty,
+                                speculative=None if speculative == "off" else speculative,
+                                num_speculative_tokens=num_speculative_tokens)
 
     # Answers ------------------------------------------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:
@@ -109,7 +123,7 @@ class Model:
             on_token: Callable[[int, int], bool | None] | None = None) -> GenerationResult:
         """Our generator on a batch of questions: token ids and timings (on_token(row, token) as each is chosen)."""
         return generate(self.runner, [self.prompt_ids(p) for p in prompts], options, self.prompt_format.stop_ids,
-                        self.prompt_format.pad_id, on_token=on_token)
+                        self.prompt_format.pad_id, on_token=on_token, draft=self.draft)
 
     @overload
     def generate(self, prompt: str, **options: Any) -> str | list[str]: ...
@@ -141,7 +155,7 @@ class Model:
                       token_ids=result.tokens, prompt_token_ids=result.prompts[0], finished_at_eos=result.finished,
                       time_to_first_token_ms=round(result.ttft_ms, 3),
                       tokens_per_second=round(result.decode_tokens_per_s, 3),
-                      new_tokens=sum(len(t) for t in result.tokens))
+                      new_tokens=sum(len(t) for t in result.tokens), speculation=result.speculation)
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         """The answer's text in pieces, each as soon as its tokens decode to whole characters; the pieces add up to
@@ -153,7 +167,7 @@ class Model:
         chosen = fitted(self.runner, [ids], chosen)
         text = TextStream(self.tokenizer)
         row = Row(ids, chosen)
-        generator = Generator(self.runner, self.prompt_format.stop_ids, self.prompt_format.pad_id)
+        generator = Generator(self.runner, self.prompt_format.stop_ids, self.prompt_format.pad_id, draft=self.draft)
         generator.add([row], capacity=len(ids) + chosen.max_new_tokens)
         while generator.active:
             seen = len(row.tokens)
@@ -167,14 +181,19 @@ class Model:
 
 
 # The calls ------------------------------------------------------------------------------------------------------
-def load(folder: FolderLike, provider: str = "cpu", threads: int | None = None) -> Model:
+def load(folder: FolderLike, provider: str = "cpu", threads: int | None = None,
+         draft: FolderLike | None = None) -> Model:
     """An export folder (ONNX Runtime on `provider`: cpu, cuda, tensorrt) or an engine folder (TensorRT),
-    loaded and ready to answer."""
+    loaded and ready to answer. draft: an export with the same tokenizer (the int4 export of the same model, say)
+    that proposes tokens for this one to verify: the answers stay this model's own."""
     opened = open_folder(folder)
+    draft_runner = open_draft(opened, draft, provider, threads) if draft is not None else None
     runner = open_runner(opened, provider, threads)
     runner.activate()
     try:
-        return Model(opened, runner)
+        if draft_runner is not None:
+            draft_runner.activate()
+        return Model(opened, runner, draft_runner)
     except BaseException:
         runner.deactivate()
         raise

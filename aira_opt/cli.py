@@ -22,6 +22,7 @@ from aira_opt.core.errors import AiraOptError, Terminated, UnexpectedError
 from aira_opt.core.progress import print_progress
 from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.folders import ExportFolder
+from aira_opt.generation.speculative import MAX_TOKENS, METHODS
 from aira_opt.inspection import inspect_folder
 from aira_opt.pipeline.export_plan import kernel_choices
 from aira_opt.precision.variants import BLOCK_SIZES, exportable_names
@@ -48,6 +49,25 @@ provider_option = click.option("--provider", type=click.Choice(list(PROVIDERS)),
 FROM_EXPORT = "[default: the export's generation_config.json]"
 threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
                               help="ONNX Runtime intra-op threads (default: all cores).")
+
+
+
+def speculation_options(command: Any) -> Any:
+    """--speculative, --speculative-draft and --num-speculative-tokens, the same wherever tokens are decoded."""
+    for option in reversed([
+        click.option("--speculative", type=click.Choice([*METHODS, "off"]), default=None,
+                     help="Propose tokens and verify them in one step of the model; the output stays the model's "
+                          "own. ngram: prompt lookup (no second model); draft: --speculative-draft's model "
+                          "[default: draft when one is given, else off]."),
+        click.option("--speculative-draft", "draft_dir", default=None,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="An export with the same tokenizer that proposes tokens (the int4 export of the same "
+                          "model, say)."),
+        click.option("--num-speculative-tokens", type=click.IntRange(1, MAX_TOKENS), default=None,
+                     help="The most tokens proposed per step; fewer, or none, while few are accepted [default: 4]."),
+    ]):
+        command = option(command)
+    return command
 
 
 def json_option(what: str) -> Any:
@@ -173,18 +193,21 @@ def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: 
 @click.option("--top-k", type=click.IntRange(min=0), default=None, help=FROM_EXPORT)
 @click.option("--top-p", type=float, default=None, help=FROM_EXPORT)
 @click.option("--repetition-penalty", type=float, default=None, help=FROM_EXPORT)
+@speculation_options
 @json_option("one object per question (one per line) instead of streaming the answer")
 def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str | None, provider: str,
                  threads: int | None, greedy: bool, seed: int | None, num_return_sequences: int,
                  max_new_tokens: int | None, temperature: float | None, top_k: int | None, top_p: float | None,
-                 repetition_penalty: float | None, json_target: str | None) -> None:
+                 repetition_penalty: float | None, speculative: str | None, draft_dir: Path | None,
+                 num_speculative_tokens: int | None, json_target: str | None) -> None:
     """Answer a question (or one per line of standard input) with our generation loop."""
     folder = chosen_folder(onnx_dir, engine_dir)
     options = dict(greedy=greedy, seed=seed, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+                   temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                   speculative=speculative, num_speculative_tokens=num_speculative_tokens)
     questions = [question] if question is not None else (line.strip() for line in sys.stdin)
     answers = []
-    with api.load(folder, provider, threads) as model:
+    with api.load(folder, provider, threads, draft=draft_dir) as model:
         model.options(**options)  # a bad value is one line before any question is read
         for q in questions:
             if not q:

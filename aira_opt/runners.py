@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aira_opt.core.errors import AiraOptError
+from aira_opt.core.errors import AiraOptError, DraftMismatchError
 from aira_opt.folders import EngineFolder, ExportFolder, open_folder
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.tensorrt.engines import TrtDecoder
-
 
 
 def chosen_folder(onnx_dir: Path | None, engine_dir: Path | None) -> ExportFolder | EngineFolder:
@@ -28,3 +27,31 @@ def open_runner(folder: Path | str | ExportFolder | EngineFolder, provider: str 
     if isinstance(opened, EngineFolder):
         return TrtDecoder(opened)
     return OrtDecoder(opened, provider=provider, threads=threads)
+
+
+def draft_mismatches(target: ExportFolder | EngineFolder, draft: ExportFolder | EngineFolder) -> list[str]:
+    """Every way `draft` cannot propose tokens for `target`: its proposals are target token ids, so the two must
+    share the vocabulary and the tokenizer's mapping, and the draft must reach as far as the target."""
+    problems = []
+    target_vocab, draft_vocab = target.contract.vocab_size, draft.contract.vocab_size
+    if target_vocab != draft_vocab:
+        problems.append(f"another vocabulary ({draft_vocab} ids, the target has {target_vocab})")
+    target_ids, draft_ids = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    differ = sum(draft_ids.get(piece) != i for piece, i in target_ids.items()) + len(set(draft_ids) - set(target_ids))
+    if differ:
+        problems.append(f"another tokenizer ({differ} of its tokens map to other ids than the target's)")
+    if draft.context_length < target.context_length:
+        problems.append(f"a context shorter than the target's ({draft.context_length} positions, the target has "
+                        f"{target.context_length})")
+    return problems
+
+
+def open_draft(target: ExportFolder | EngineFolder, draft: Path | str | ExportFolder | EngineFolder,
+               provider: str = "cpu", threads: int | None = None) -> Decoder:
+    """The (not yet activated) runner of a draft model for `target`, refused in one line when it does not fit."""
+    opened = open_folder(draft)
+    problems = draft_mismatches(target, opened)
+    if problems:
+        raise DraftMismatchError(f"draft {opened.path} cannot propose for {target.path}: it has "
+                                 + "; ".join(problems))
+    return open_runner(opened, provider, threads)

@@ -54,6 +54,10 @@ class MissingExtraError(AiraOptError):
         super().__init__(f"{what} needs the `{extra}` extra: pip install 'aira-opt[{extra}]'" + (f" ({note})" if note else ""))
 
 
+class DraftMismatchError(OptionError):
+    """A draft model that cannot propose for this target: another tokenizer, vocabulary, or a shorter context."""
+
+
 class PromptTooLongError(AiraOptError):
     """A prompt plus the requested new tokens does not fit the model's context."""
 
