@@ -31,14 +31,15 @@ from aira_opt.core.progress import ProgressCallback
 from aira_opt.folders import EngineFolder, ExportFolder, open_folder
 from aira_opt.generation.defaults import generate_options
 from aira_opt.generation.generator import GenerateOptions, GenerationResult, Generator, Row, fitted, generate
+from aira_opt.generation.speculative import Speculation
 from aira_opt.generation.streaming import TextStream
 from aira_opt.pipeline.export_plan import ExportPlan, plan_export
 from aira_opt.pipeline.export_run import run_export
-from aira_opt.runners import open_draft, open_runner
+from aira_opt.runners import check_draft, open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.prompts import decode_answer, prompt_ids
 
-__all__ = ["load", "export", "plan_export", "run_export", "check", "bench", "inspect", "Model", "Answer",
+__all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect", "Model", "Answer",
            "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 FolderLike = str | Path | ExportFolder | EngineFolder
@@ -188,7 +189,7 @@ def load(folder: FolderLike, provider: str = "cpu", threads: int | None = None,
     that proposes tokens for this one to verify: the answers stay this model's own."""
     opened = open_folder(folder)
     draft_runner = open_draft(opened, draft, provider, threads) if draft is not None else None
-    runner = open_runner(opened, provider, threads)
+    runner = open_runner(opened, provider, threads, shared_threads=draft_runner is not None)
     runner.activate()
     try:
         if draft_runner is not None:
@@ -210,17 +211,25 @@ def export(model: str = "aira-tiny", precision: str = "fp32", output: str | Path
 
 def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str] | str | Path | None = None,
           max_new_tokens: int = 32, provider: str = "cpu", threads: int | None = None,
-          baseline: str = "cpu-fp32", quiet: bool = True) -> dict[str, Any]:
+          baseline: str = "cpu-fp32", quiet: bool = True, speculative: str | None = None,
+          draft: FolderLike | None = None, num_speculative_tokens: int | None = None) -> dict[str, Any]:
     """Parity of an export (or engine) with the PyTorch model it came from: the record `check --json` prints.
     Its `passed` says whether the variant's thresholds were met. prompts: questions, or a file of one per
-    line (default: the built-in ones for the export's prompt format)."""
+    line (default: the built-in ones for the export's prompt format). speculative ("ngram", or "draft" with
+    `draft`): the greedy sequences come from our loop speculating."""
     opened = open_folder(folder)
     if prompts is not None and not isinstance(prompts, (str, Path)):
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise OptionError("no prompts to check")
     questions = Path(prompts) if isinstance(prompts, (str, Path)) else prompts
-    return check_folder(opened, model, questions, max_new_tokens, provider, threads, baseline, quiet).to_json()
+    method = speculative or ("draft" if draft is not None else None)
+    speculation = None if method in (None, "off") else Speculation(method, num_speculative_tokens)
+    if speculation is not None and speculation.validate():
+        raise OptionError("; ".join(speculation.validate()))
+    draft_folder = open_folder(draft) if draft is not None else None
+    return check_folder(opened, model, questions, max_new_tokens, provider, threads, baseline, quiet,
+                        speculation=speculation, draft=draft_folder).to_json()
 
 
 def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines: Sequence[str | Path] = (),
@@ -228,13 +237,25 @@ def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines:
           num_layers: int | None = None, prompt_lengths: Sequence[int] = (64,), new_tokens: int = 64,
           batch_sizes: Sequence[int] = (1,), warmup: int = 1, repeats: int = 3, threads: int | None = None,
           provider: str = "cpu", optimum_python: str | None = None,
-          on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+          on_progress: Callable[[str], None] | None = None, speculative: str | None = None,
+          draft: str | Path | None = None, num_speculative_tokens: int | None = None) -> dict[str, Any]:
     """`aira-opt bench`: every backend on the same seeded token ids, each in its own process; returns the record
-    `bench --json` writes (machine, settings, results, skipped)."""
+    `bench --json` writes (machine, settings, results, skipped). speculative ("ngram", or "draft" with `draft`):
+    each export also gets an `ort` row that speculates."""
     if new_tokens < 2 or not prompt_lengths or not batch_sizes or min(*prompt_lengths, *batch_sizes) < 1:
         raise OptionError("bench needs new_tokens >= 2 and positive prompt lengths and batch sizes")
+    method = speculative or ("draft" if draft is not None else None)
+    method = None if method == "off" else method
+    if method is not None and Speculation(method, num_speculative_tokens).validate():
+        raise OptionError("; ".join(Speculation(method, num_speculative_tokens).validate()))
+    if method == "draft" and draft is None:
+        raise OptionError("speculative 'draft' needs a draft model (draft=DIR)")
+    if draft is not None and onnx:
+        check_draft(onnx[0], draft)
     sources = BenchSources(model, num_layers, [Path(p) for p in onnx], [Path(p) for p in engines],
-                           [Path(p) for p in genai], [Path(p) for p in gguf], provider, optimum_python)
+                           [Path(p) for p in genai], [Path(p) for p in gguf], provider, optimum_python,
+                           speculative=method, draft_dir=Path(draft) if draft is not None else None,
+                           num_speculative_tokens=num_speculative_tokens)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     report = run_bench_jobs(sources, list(backends), settings, warmup, repeats, threads, progress=on_progress)
     return report_json(report)

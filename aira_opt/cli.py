@@ -22,7 +22,7 @@ from aira_opt.core.errors import AiraOptError, Terminated, UnexpectedError
 from aira_opt.core.progress import print_progress
 from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.folders import ExportFolder
-from aira_opt.generation.speculative import MAX_TOKENS, METHODS
+from aira_opt.generation.speculative import MAX_TOKENS, METHODS, Speculation
 from aira_opt.inspection import inspect_folder
 from aira_opt.pipeline.export_plan import kernel_choices
 from aira_opt.precision.variants import BLOCK_SIZES, exportable_names
@@ -68,6 +68,17 @@ def speculation_options(command: Any) -> Any:
     ]):
         command = option(command)
     return command
+
+
+def speculation_from(speculative: str | None, draft_dir: Path | None,
+                     num_speculative_tokens: int | None) -> Speculation | None:
+    """The options of speculation_options as one record (None: off); a draft given means "draft" by default."""
+    method = speculative or ("draft" if draft_dir is not None else None)
+    if method in (None, "off"):
+        if num_speculative_tokens is not None:
+            raise AiraOptError("--num-speculative-tokens needs --speculative ngram or --speculative-draft DIR")
+        return None
+    return Speculation(method, num_speculative_tokens)
 
 
 def json_option(what: str) -> Any:
@@ -288,16 +299,23 @@ def build_cmd(onnx_dir: Path, output: Path | None, max_batch: int, max_seq: int 
 @threads_option
 @click.option("--baseline", type=click.Choice(BASELINES), default="cpu-fp32", show_default=True,
               help="The PyTorch reference: fp32 on the CPU, or fp16 on the GPU (what GPU users run).")
+@speculation_options
 def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | None, prompts_file: Path | None,
-              max_new_tokens: int, json_target: str | None, provider: str, threads: int | None, baseline: str) -> None:
+              max_new_tokens: int, json_target: str | None, provider: str, threads: int | None, baseline: str,
+              speculative: str | None, draft_dir: Path | None, num_speculative_tokens: int | None) -> None:
     """Check an export's outputs against the PyTorch baseline; exit 1 when it fails its thresholds."""
     report = check_folder(chosen_folder(onnx_dir, engine_dir), model_spec, prompts_file, max_new_tokens, provider,
-                          threads, baseline)
+                          threads, baseline, speculation=speculation_from(speculative, draft_dir,
+                                                                          num_speculative_tokens),
+                          draft=draft_dir)
     data = report.to_json()
     if json_target is not None:
         emit_json(json_target, data)
     out = human_echo(json_target)
     out(report_table(report))
+    if report.speculation:
+        out(f"speculation ({report.speculation['method']}): {report.speculation['accepted']} of "
+            f"{report.speculation['proposed']} proposals accepted")
     out(f"\nprecision {report.precision}: greedy identical {report.greedy_exact_match}/{report.prompts}, "
         f"top-1 agreement {report.top1_agreement:.4f}, max |logit diff| {report.max_abs_logit_diff:.3e}, "
         f"min cosine {report.min_cosine:.6f}, perplexity torch {report.perplexity_torch:.4f} "
@@ -353,15 +371,22 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
               envvar="AIRA_OPT_OPTIMUM_PYTHON",
               help="The python of a virtual environment with `aira-opt[optimum]` (transformers 4.57), which runs the "
                    "optimum backend [default: this environment, when optimum imports here].")
+@speculation_options
 def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
               genai_dirs: tuple[Path, ...], gguf_files: tuple[Path, ...], backends: str, prompt_lengths: list[int],
               new_tokens: int, batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str,
               json_target: str | None, markdown_path: Path | None, plot_path: Path | None,
-              optimum_python: str | None) -> None:
-    """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side."""
+              optimum_python: str | None, speculative: str | None, draft_dir: Path | None,
+              num_speculative_tokens: int | None) -> None:
+    """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side. With
+    speculation, each export gets a second `ort` row that speculates (with its acceptance)."""
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
+    speculation = speculation_from(speculative, draft_dir, num_speculative_tokens)
+    if draft_dir is not None and onnx_dirs:
+        api.check_draft(onnx_dirs[0], draft_dir)
     sources = BenchSources(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), list(gguf_files),
-                           provider, optimum_python)
+                           provider, optimum_python, speculative=speculation.method if speculation else None,
+                           draft_dir=draft_dir, num_speculative_tokens=num_speculative_tokens)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     report = bench(sources, wanted, settings, warmup, repeats, threads, progress=lambda s: click.echo(s, err=True))
     command = "aira-opt " + " ".join(sys.argv[1:]) if sys.argv and "aira-opt" in sys.argv[0] else ""

@@ -2,7 +2,8 @@
 
 Two runners of one family (PyTorch's and the export's, runtime.protocol.Decoder) produce comparable data, the one
 comparator (runtime.compare) measures it, and the thresholds come from the export's variant record:
-- greedy sequences, per prompt (our loop vs transformers' generate), exact match;
+- greedy sequences, per prompt (our loop vs transformers' generate), exact match; with speculation on, the loop
+  that speculates (its greedy output must not change);
 - logits under teacher forcing: the ONNX model is fed PyTorch's greedy tokens one decode step at a time
   (exercising the KV cache), and its logits at the prefill and every step are compared with PyTorch's;
 - perplexity on held-out text that neither training nor calibration saw (Aira-format turns for Aira models,
@@ -24,11 +25,12 @@ from aira_opt.core.numerics import perplexity
 from aira_opt.core.progress import bar
 from aira_opt.core.tables import text_table
 from aira_opt.generation.generator import GenerateOptions, generate
+from aira_opt.generation.speculative import Speculation
 from aira_opt.generation.sampling import GREEDY
 from aira_opt.precision.variants import VARIANTS, Thresholds
 from aira_opt.runtime.compare import Comparison
 from aira_opt.runtime.pytorch import BASELINES, TorchDecoder
-from aira_opt.runners import open_runner
+from aira_opt.runners import open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.corpus import CHAT_QUESTIONS, heldout_english, heldout_pairs
 from aira_opt.source.models import LoadedModel, load_model
@@ -73,6 +75,7 @@ class CheckReport:
     failures: list[str]
     per_prompt: list[PromptResult] = field(default_factory=list)
     evaluation: str = ""  # what ran the export, in words
+    speculation: dict[str, Any] | None = None  # the greedy sequences' proposals and acceptance, when speculating
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,11 +104,12 @@ def teacher_forced_logits(decoder: Decoder, prompt: list[int], forced: list[int]
     return np.stack(rows)
 
 
-def greedy_tokens(decoder: Decoder, ids: list[int], max_new_tokens: int, fmt: PromptFormat) -> list[int]:
-    """Our generator's greedy answer to one prompt."""
-    result = generate(decoder, [ids], GenerateOptions(max_new_tokens=max_new_tokens, sampling=GREEDY),
-                      fmt.stop_ids, fmt.pad_id)
-    return result.tokens[0]
+def greedy_tokens(decoder: Decoder, ids: list[int], max_new_tokens: int, fmt: PromptFormat,
+                  speculation: Speculation | None = None, draft: Decoder | None = None) -> tuple[list[int], dict | None]:
+    """Our generator's greedy answer to one prompt, and its speculation record (None without)."""
+    options = GenerateOptions(max_new_tokens=max_new_tokens, sampling=GREEDY, speculation=speculation)
+    result = generate(decoder, [ids], options, fmt.stop_ids, fmt.pad_id, draft=draft)
+    return result.tokens[0], result.speculation
 
 
 # Judging ---------------------------------------------------------------------------------------------
@@ -138,8 +142,10 @@ def heldout_texts(tokenizer: Any, fmt: PromptFormat) -> list[list[int]]:
 
 
 def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: list[str],
-              max_new_tokens: int, fmt: PromptFormat, quiet: bool = False, baseline: str = "cpu-fp32") -> CheckReport:
-    """Both runners on the same prompts (in the export's recorded format), judged by the variant's thresholds."""
+              max_new_tokens: int, fmt: PromptFormat, quiet: bool = False, baseline: str = "cpu-fp32",
+              speculation: Speculation | None = None, draft: Decoder | None = None) -> CheckReport:
+    """Both runners on the same prompts (in the export's recorded format), judged by the variant's thresholds.
+    speculation (and its draft runner): our greedy sequences come from the loop that speculates."""
     if precision not in VARIANTS:
         raise AiraOptError(f"no parity thresholds for precision '{precision}'; known: {', '.join(VARIANTS)}")
     limits = VARIANTS[precision].thresholds
@@ -147,10 +153,12 @@ def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: 
     reference = TorchDecoder(loaded, baseline).activate()
     comparison = Comparison()  # check judges the whole report by the variant's thresholds (judge), not per case
     per_prompt: list[PromptResult] = []
+    speculated: list[dict] = []
     for question in bar(questions, "check prompts", quiet=quiet):
         ids = prompt_ids(tok, question, fmt)
         ref_tokens = reference.greedy(ids, max_new_tokens, list(fmt.stop_ids), fmt.pad_id)
-        onnx_tokens = greedy_tokens(decoder, ids, max_new_tokens, fmt)
+        onnx_tokens, record = greedy_tokens(decoder, ids, max_new_tokens, fmt, speculation, draft)
+        speculated += [record] if record else []
         ref_logits = sequence_logits(reference, ids + ref_tokens)[len(ids) - 1: len(ids) - 1 + len(ref_tokens)]
         cand_logits = teacher_forced_logits(decoder, ids, ref_tokens)
         stats = comparison.add(question, ref_logits, cand_logits)
@@ -173,11 +181,21 @@ def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: 
         greedy_exact_match=sum(p.greedy_match for p in per_prompt), top1_agreement=comparison.top1_agreement,
         max_abs_logit_diff=comparison.max_abs_logit_diff, min_cosine=comparison.min_cosine,
         perplexity_torch=float(np.exp(nll_t / count)), perplexity_onnx=float(np.exp(nll_o / count)),
-        thresholds=asdict(limits), failures=[], per_prompt=per_prompt,
+        thresholds=asdict(limits), failures=[], per_prompt=per_prompt, speculation=_totals(speculated),
     )
     report.failures = judge(report, limits)
     report.passed = not report.failures
     return report
+
+
+def _totals(records: list[dict]) -> dict[str, Any] | None:
+    """Speculation over every prompt: proposals and acceptances summed."""
+    if not records:
+        return None
+    proposed, accepted = sum(r["proposed"] for r in records), sum(r["accepted"] for r in records)
+    return {"method": records[0]["method"], "proposed": proposed, "accepted": accepted,
+            "verify_steps": sum(r["verify_steps"] for r in records),
+            "acceptance_rate": round(accepted / proposed, 4) if proposed else 0.0}
 
 
 def report_table(report: CheckReport) -> str:
@@ -203,9 +221,11 @@ def load_questions(path: Path | None, fmt: PromptFormat) -> list[str]:
 
 def check_folder(folder: ExportFolder | EngineFolder, model_spec: str | None = None,
                  questions: list[str] | Path | None = None, max_new_tokens: int = 32, provider: str = "cpu",
-                 threads: int | None = None, baseline: str = "cpu-fp32", quiet: bool = False) -> CheckReport:
+                 threads: int | None = None, baseline: str = "cpu-fp32", quiet: bool = False,
+                 speculation: Speculation | None = None, draft: Path | ExportFolder | None = None) -> CheckReport:
     """`check` on a folder: its runner against the PyTorch model it was made from (its manifest names it; or
-    `model_spec`), on `questions` (a list, a file of one per line, or the defaults for its prompt format)."""
+    `model_spec`), on `questions` (a list, a file of one per line, or the defaults for its prompt format).
+    speculation: the greedy sequences come from our loop speculating (with `draft`'s proposals for "draft")."""
     if baseline not in BASELINES:
         raise OptionError(f"baseline must be one of {', '.join(BASELINES)}")
     manifest = folder.manifest
@@ -220,9 +240,18 @@ def check_folder(folder: ExportFolder | EngineFolder, model_spec: str | None = N
     loaded = load_model(spec, manifest.num_layers_override if model_spec is None else None)
     fmt = folder.prompt_format  # the format the export recorded
     asked = questions if isinstance(questions, list) else load_questions(questions, fmt)
-    with open_runner(folder, provider, threads) as decoder:
-        report = run_check(loaded, decoder, manifest.precision, asked, max_new_tokens, fmt, quiet=quiet,
-                           baseline=baseline)
+    if speculation is not None and speculation.method == "draft" and draft is None:
+        raise OptionError("speculative 'draft' needs a draft model (--speculative-draft DIR)")
+    draft_runner = open_draft(folder, draft, provider, threads) if draft is not None else None
+    with open_runner(folder, provider, threads, shared_threads=draft_runner is not None) as decoder:
+        if draft_runner is not None:
+            draft_runner.activate()
+        try:
+            report = run_check(loaded, decoder, manifest.precision, asked, max_new_tokens, fmt, quiet=quiet,
+                               baseline=baseline, speculation=speculation, draft=draft_runner)
+        finally:
+            if draft_runner is not None:
+                draft_runner.deactivate()
     report.evaluation = (f"TensorRT engine {folder.path}" if isinstance(folder, EngineFolder) else
                          f"onnxruntime {provider} provider running the {manifest.precision} graph as exported")
     return report

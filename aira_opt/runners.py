@@ -20,13 +20,13 @@ def chosen_folder(onnx_dir: Path | None, engine_dir: Path | None) -> ExportFolde
 
 
 def open_runner(folder: Path | str | ExportFolder | EngineFolder, provider: str = "cpu",
-                threads: int | None = None) -> Decoder:
+                threads: int | None = None, shared_threads: bool = False) -> Decoder:
     """The (not yet activated) runner for a folder: TensorRT for an engine folder, else ONNX Runtime with
-    `provider` and `threads`."""
+    `provider` and `threads` (shared_threads: on the process's one thread pool, for runners that take turns)."""
     opened = open_folder(folder)
     if isinstance(opened, EngineFolder):
         return TrtDecoder(opened)
-    return OrtDecoder(opened, provider=provider, threads=threads)
+    return OrtDecoder(opened, provider=provider, threads=threads, shared_threads=shared_threads)
 
 
 def draft_mismatches(target: ExportFolder | EngineFolder, draft: ExportFolder | EngineFolder) -> list[str]:
@@ -46,12 +46,20 @@ def draft_mismatches(target: ExportFolder | EngineFolder, draft: ExportFolder | 
     return problems
 
 
-def open_draft(target: ExportFolder | EngineFolder, draft: Path | str | ExportFolder | EngineFolder,
-               provider: str = "cpu", threads: int | None = None) -> Decoder:
-    """The (not yet activated) runner of a draft model for `target`, refused in one line when it does not fit."""
-    opened = open_folder(draft)
-    problems = draft_mismatches(target, opened)
+FolderLike = Path | str | ExportFolder | EngineFolder
+
+
+def check_draft(target: FolderLike, draft: FolderLike) -> ExportFolder | EngineFolder:
+    """The draft's folder, refused in one line when it cannot propose for `target` (every reason named)."""
+    target_folder, draft_folder = open_folder(target), open_folder(draft)
+    problems = draft_mismatches(target_folder, draft_folder)
     if problems:
-        raise DraftMismatchError(f"draft {opened.path} cannot propose for {target.path}: it has "
+        raise DraftMismatchError(f"draft {draft_folder.path} cannot propose for {target_folder.path}: it has "
                                  + "; ".join(problems))
-    return open_runner(opened, provider, threads)
+    return draft_folder
+
+
+def open_draft(target: FolderLike, draft: FolderLike, provider: str = "cpu", threads: int | None = None) -> Decoder:
+    """The (not yet activated) runner of a draft model for `target`, refused in one line when it does not fit.
+    Open the target with shared_threads too: the two take turns on one thread pool."""
+    return open_runner(check_draft(target, draft), provider, threads, shared_threads=True)

@@ -581,3 +581,32 @@ def test_the_server_binds_this_machine_only_unless_told(tmp_path):
     for kind in ("--http-address", "--grpc-address", "--metrics-address"):
         assert local[local.index(kind) + 1] == LOCAL_HOST == "127.0.0.1"
         assert opened[opened.index(kind) + 1] == "0.0.0.0"
+
+
+def test_a_request_may_speculate_by_prompt_lookup_and_gets_the_same_answer(engine):
+    """Per request: rows that speculate and rows that do not share the running batch; every answer is the one it
+    gets without speculation (greedy)."""
+    questions = ["Repeat after me: the cat sat on the mat, the cat sat on the mat.", BRAZIL, "What do bees make?"]
+    greedy = {"temperature": one(0, np.float32), "repetition_penalty": one(1.0, np.float32)}
+    plain = [ListSink() for _ in questions]
+    engine.serve_batch([({"text_input": text(q), **greedy}, s) for q, s in zip(questions, plain)])
+    spec = [ListSink() for _ in questions]
+    engine.serve_batch([({"text_input": text(q), **greedy, **({"speculative": text("ngram"),
+                                                                 "num_speculative_tokens": one(3, np.int32)}
+                                                                if i != 1 else {})}, s)
+                        for i, (q, s) in enumerate(zip(questions, spec))])
+    assert [s.text for s in spec] == [s.text for s in plain]
+    assert [s.final.generated_tokens for s in spec] == [s.final.generated_tokens for s in plain]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"speculative": "draft"}, "speculative must be ngram or off"),
+    ({"num_speculative_tokens": 3}, "num_speculative_tokens needs speculative ngram"),
+    ({"speculative": "ngram", "num_speculative_tokens": 99}, "num_speculative_tokens must be in"),
+])
+def test_bad_speculation_in_a_request_is_named(values, message):
+    raw = {"text_input": text("hi")}
+    for name, value in values.items():
+        raw[name] = text(value) if isinstance(value, str) else one(value, np.int32)
+    with pytest.raises(BadRequest, match=message):
+        parse_request(raw, GenerateOptions(max_new_tokens=8))

@@ -159,7 +159,7 @@ def test_sampled_tokens_follow_the_targets_distribution(tiny, tiny_export, tiny_
             options = GenerateOptions(3, sampling, seed=seed, ignore_eos=True)
             plain[tuple(generate(target, [ids], options, tok.eos_token_id, tok.pad_token_id).tokens[0][1:])] += 1
         likely = list(plain.most_common(1)[0][0])
-        monkeypatch.setattr(generator_module, "ngram_proposal", lambda history, k, n: likely[:k])
+        monkeypatch.setattr(generator_module, "ngram_proposal", lambda history, k, *sizes: likely[:k])
         spec, proposed, accepted = Counter(), 0, 0
         for seed in range(draws):
             options = GenerateOptions(3, sampling, seed=10_000 + seed, ignore_eos=True,

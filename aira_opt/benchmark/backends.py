@@ -10,7 +10,7 @@ import importlib.util
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,6 +21,7 @@ from aira_opt.core.errors import TensorRTUnavailableError
 from aira_opt.folders import EngineFolder, ExportFolder
 from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.generation.sampling import GREEDY
+from aira_opt.generation.speculative import Speculation
 from aira_opt.precision.kernels import kernel_summary
 from aira_opt.precision.variants import variant_named_in
 from aira_opt.runtime.ort import OrtDecoder
@@ -43,6 +44,9 @@ class Job:
     num_layers: int | None = None  # depth override of a random preset (torch)
     provider: str = "cpu"  # ONNX Runtime provider (ort, optimum)
     python: str = ""  # the interpreter of another virtual environment to run this job in ("" = this one)
+    speculative: str = ""  # our loop's speculation: "ngram" or "draft" ("" = none)
+    draft: str = ""  # the draft export folder ("draft")
+    num_speculative_tokens: int = 0  # 0: the method's default
 
 
 @dataclass
@@ -57,6 +61,9 @@ class BenchSources:
     gguf_files: list[Path] = field(default_factory=list)
     provider: str = "cpu"
     optimum_python: str | None = None  # another virtual environment's interpreter for optimum
+    speculative: str | None = None  # add our loop's rows with this speculation ("ngram" or "draft")
+    draft_dir: Path | None = None  # the draft export ("draft")
+    num_speculative_tokens: int | None = None
 
 
 Planned = tuple[list[Job], list[str]]  # the jobs a backend will run, and the reasons it runs none (or fewer)
@@ -74,6 +81,7 @@ class BenchRunner(Runner):
         self.device = "cpu" if job.provider == "cpu" else "cuda"
         self.size_bytes = self.weight_bytes = 0
         self.kernels = ""  # which kernels ran, where the backend makes a choice (the bench row shows it)
+        self.speculation: list[dict] = []  # our loop's acceptance per run, when it speculates
 
     @classmethod
     def plan(cls, sources: BenchSources) -> Planned:
@@ -168,13 +176,23 @@ class LoopRunner(BenchRunner):
 
     decoder: Decoder
 
+    draft: Decoder | None = None
+
     def infer(self, ids: np.ndarray, new_tokens: int) -> Timings:
-        options = GenerateOptions(max_new_tokens=new_tokens, ignore_eos=True, sampling=GREEDY)
-        result = generate(self.decoder, [list(r) for r in ids], options, self.eos, self.pad)
-        return result.prefill_seconds, result.decode_seconds
+        speculation = None
+        if self.job.speculative:
+            speculation = Speculation(self.job.speculative, self.job.num_speculative_tokens or None)
+        options = GenerateOptions(max_new_tokens=new_tokens, ignore_eos=True, sampling=GREEDY,
+                                  speculation=speculation)
+        result = generate(self.decoder, [list(r) for r in ids], options, self.eos, self.pad, draft=self.draft)
+        if result.speculation is not None:
+            self.speculation.append(result.speculation)
+        return result.prefill_seconds, result.per_token_seconds()  # one entry per token, as every backend gives
 
     def deactivate(self) -> None:
         self.decoder.deactivate()
+        if self.draft is not None:
+            self.draft.deactivate()
 
 
 class OrtRunner(LoopRunner):
@@ -182,11 +200,23 @@ class OrtRunner(LoopRunner):
 
     @classmethod
     def plan(cls, sources: BenchSources) -> Planned:
-        return jobs_on_exports(cls.name, sources), []
+        """Every export; with speculation asked for, every export again speculating beside its plain row."""
+        plain = jobs_on_exports(cls.name, sources)
+        if not sources.speculative:
+            return plain, []
+        how = "ngram" if sources.speculative == "ngram" else f"draft {ExportFolder(sources.draft_dir).manifest.label}"
+        k = sources.num_speculative_tokens or 0
+        return plain + [replace(job, label=f"{job.label} + {how}", speculative=sources.speculative,
+                                draft=str(sources.draft_dir or ""), num_speculative_tokens=k) for job in plain], []
 
     def activate(self) -> OrtRunner:
         self.size_bytes, self.weight_bytes = onnx_weight_bytes(Path(self.job.folder))
-        self.decoder = OrtDecoder(Path(self.job.folder), provider=self.job.provider, threads=self.threads).activate()
+        shared = bool(self.job.draft)  # a target and its draft take turns on one thread pool
+        if self.job.draft:
+            self.draft = OrtDecoder(Path(self.job.draft), provider=self.job.provider, threads=self.threads,
+                                    shared_threads=True).activate()
+        self.decoder = OrtDecoder(Path(self.job.folder), provider=self.job.provider, threads=self.threads,
+                                  shared_threads=shared).activate()
         self.kernels = kernel_summary(self.decoder.manifest.kernels if self.decoder.manifest else None)
         return self
 

@@ -62,6 +62,8 @@ class BenchResult:
     repeats: int = 0
     decode_steps: int = 0  # timed decode steps per run: new_tokens - 1 (the first token comes from the prefill)
     kernels: str = ""  # which kernels ran, where the backend chose (an autotuned export, llama.cpp's build)
+    acceptance_rate: float | None = None  # our loop speculating: proposals accepted, over the timed runs
+    tokens_per_step: float | None = None  # our loop speculating: tokens per step of the target
 
 
 @dataclass
@@ -90,13 +92,15 @@ def measure(job: Job, settings: Sequence[Setting], warmup: int, repeats: int, th
         ids = np.array(prompts[prompt_key(setting)], dtype=np.int64)  # [B, P]
         for _ in range(warmup):
             runner.infer(ids, setting.new_tokens)
+        runner.speculation.clear()  # the timed runs' acceptance only
         ttfts, steps_all, rates = [], [], []
         for _ in range(repeats):
             ttft, steps = runner.infer(ids, setting.new_tokens)
             ttfts.append(ttft)
             steps_all.extend(steps)
             rates.append(setting.batch_size * len(steps) / sum(steps) if steps else float("nan"))
-        rows.append({"setting": asdict(setting), "ttft": ttfts, "steps": steps_all, "rates": rates})
+        rows.append({"setting": asdict(setting), "ttft": ttfts, "steps": steps_all, "rates": rates,
+                     "speculation": list(runner.speculation)})
     runner.deactivate()
     return {"rows": rows, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
             "device": runner.device, "size_bytes": runner.size_bytes, "weight_bytes": runner.weight_bytes,
@@ -184,6 +188,10 @@ def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float,
         bandwidth_gbps = gpu_bandwidth_gbps or float("nan")
     results = []
     for row in payload["rows"]:
+        spec = row.get("speculation") or []
+        proposed = sum(r["proposed"] for r in spec)
+        acceptance = round(sum(r["accepted"] for r in spec) / proposed, 4) if proposed else None
+        tokens_per_step = round(float(np.mean([r["tokens_per_step"] for r in spec])), 3) if spec else None
         s = Setting(**row["setting"])
         ttft = row["ttft"]
         steps = row["steps"]
@@ -205,7 +213,7 @@ def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float,
             pct_of_bound=(100 * (rate / s.batch_size) / bound_steps) if bound_steps and bound_steps == bound_steps
             else None,
             repeats=len(ttft), decode_steps=len(steps) // max(len(ttft), 1), device=device,
-            kernels=payload.get("kernels", ""),
+            kernels=payload.get("kernels", ""), acceptance_rate=acceptance, tokens_per_step=tokens_per_step,
         ))
     return results
 

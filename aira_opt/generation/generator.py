@@ -108,6 +108,7 @@ class Generator:
         self.logits = np.zeros((0, 0), dtype=np.float32)  # [B, V]: where each row's next token comes from
         self.prefill_seconds: list[float] = []  # one per prefill (each `add`)
         self.decode_seconds: list[float] = []  # one per decode step (the whole batch)
+        self.decode_tokens: list[int] = []  # per decode step: the most tokens it gave a row (1 + accepted proposals)
         self.padded_prompt_length = 0  # the first prefill's width
 
     @property
@@ -174,6 +175,7 @@ class Generator:
             self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), dtype=np.int64)], axis=1)  # [B, T+1]
             self.logits, self.cache = self._forward(chosen[:, None], self.mask, self.decode_seconds)
             self.costs.record(1, self.decode_seconds[-1])
+            self.decode_tokens.append(1)
             return ended
         return ended + self._verify(chosen, proposals, probs, ks)
 
@@ -218,7 +220,7 @@ class Generator:
             if k <= 0:
                 row.acceptance.plain_steps += 1
             elif speculation.method == NGRAM:
-                proposals[i] = ngram_proposal(row.history, k, speculation.max_ngram)
+                proposals[i] = ngram_proposal(row.history, k, speculation.max_ngram, speculation.min_ngram)
                 row.acceptance.plain_steps = 0 if proposals[i] else row.acceptance.plain_steps + 1
             else:
                 ks[i] = k
@@ -263,6 +265,7 @@ class Generator:
                 if self._hand(row, token):
                     ended.append(row)
                     break
+        self.decode_tokens.append(1 + int(accepted.max()))
         self.cache, self.mask = settle(self.cache, self.mask, width, accepted + 1)
         self.logits = logits[np.arange(batch), accepted]  # [B, V]: where each row's next token comes from
         if self.drafter is not None and any(ks):
@@ -333,6 +336,16 @@ class GenerationResult:
     decode_seconds: list[float]  # one per decode step (the whole batch; with speculation, the draft's time too)
     padded_prompt_length: int
     speculation: dict | None = None  # proposals and acceptance, when rows speculated (speculative.summary)
+    decode_step_tokens: list[int] = field(default_factory=list)  # per decode step: 1 + the most proposals accepted
+
+    def per_token_seconds(self) -> list[float]:
+        """Each decode step's seconds shared out over the tokens it produced: one entry per decoded token."""
+        tokens = self.decode_step_tokens or [1] * len(self.decode_seconds)
+        shares = [s / n for s, n in zip(self.decode_seconds, tokens) for _ in range(n)]
+        if len(shares) != self.decode_tokens:  # the last step's next token was never needed: spread evenly
+            total = sum(self.decode_seconds)
+            shares = [total / self.decode_tokens] * self.decode_tokens if self.decode_tokens else []
+        return shares
 
     @property
     def ttft_ms(self) -> float:
@@ -413,7 +426,8 @@ def run_rows(model: Decoder, rows: Sequence[Row], stop_ids: int | Sequence[int],
     return GenerationResult(prompts=[list(r.prompt) for r in rows], tokens=[list(r.tokens) for r in rows],
                             finished=[r.ended == STOP for r in rows], prefill_seconds=sum(generator.prefill_seconds),
                             decode_seconds=generator.decode_seconds,
-                            padded_prompt_length=generator.padded_prompt_length, speculation=generator.acceptance())
+                            padded_prompt_length=generator.padded_prompt_length, speculation=generator.acceptance(),
+                            decode_step_tokens=generator.decode_tokens)
 
 
 def _pad_left(array: np.ndarray, width: int, axis: int = 1) -> np.ndarray:

@@ -43,7 +43,8 @@ class Speculation:
     method: str = NGRAM
     num_tokens: int | None = None  # None: DEFAULT_TOKENS[method]
     adaptive: bool = True
-    max_ngram: int = 3  # prompt lookup: the longest suffix matched (down to 1 token)
+    max_ngram: int = 3  # prompt lookup: the longest suffix matched
+    min_ngram: int = 1  # prompt lookup: the shortest suffix matched
 
     @property
     def max_tokens(self) -> int:
@@ -55,19 +56,19 @@ class Speculation:
             problems.append(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.num_tokens is not None and not 1 <= self.num_tokens <= MAX_TOKENS:
             problems.append(f"num_speculative_tokens must be in [1, {MAX_TOKENS}], got {self.num_tokens}")
-        if self.max_ngram < 1:
-            problems.append("max_ngram must be at least 1")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            problems.append("the n-gram sizes must satisfy 1 <= min_ngram <= max_ngram")
         return problems
 
 
 # Proposals -------------------------------------------------------------------------------------------------
-def ngram_proposal(history: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
-    """Prompt lookup: the longest suffix of `history` (max_ngram tokens down to 1) that occurred earlier, at its
-    latest earlier occurrence; the (up to) k tokens that followed it there. [] when nothing matches."""
+def ngram_proposal(history: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: the longest suffix of `history` (max_ngram tokens down to min_ngram) that occurred earlier,
+    at its latest earlier occurrence; the (up to) k tokens that followed it there. [] when nothing matches."""
     h = np.asarray(history, dtype=np.int64)  # [L]
     if k < 1 or h.size < 2:
         return []
-    for n in range(min(max_ngram, h.size - 1), 0, -1):
+    for n in range(min(max_ngram, h.size - 1), min_ngram - 1, -1):
         windows = sliding_window_view(h[:-1], n)  # [L - n, n]: every earlier n-gram, each followed by a token
         hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
         if hits.size:

@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from aira_opt.core.cpu import last_level_cache_bytes, machine_key
+from aira_opt.core.threads import session_threads
 from aira_opt.core.progress import bar
 from aira_opt.precision.dynamic_int8 import quantize_dynamic_int8
 from aira_opt.precision.recipe import WeightOnlySettings
@@ -151,9 +152,7 @@ def time_candidate(shapes: list[tuple[int, int]], candidate: KernelCandidate, th
     layer = quantized_layer(shapes, candidate)
     layer_bytes = sum(len(i.raw_data) or 4 * int(np.prod(i.dims)) for i in layer.graph.initializer)
     copies = max(2, -(-max(PROBE_MIN_BYTES, 3 * last_level_cache_bytes()) // layer_bytes))
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options = session_threads(ort.SessionOptions(), threads)
     session = ort.InferenceSession(replicated(layer, copies).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from aira_opt.core.threads import session_threads
+
 ALPHA = 0.65  # migration strength; benchmarks/README.md ("int8-qdq on real weights") measures others
 
 
@@ -83,7 +85,7 @@ def activation_maxima(model: onnx.ModelProto, names: list[str], feeds: Iterable[
     model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
     serialized = model.SerializeToString()
     del model.graph.output[outputs:]
-    options = ort.SessionOptions()
+    options = session_threads(ort.SessionOptions())
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the named tensors
     session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     del serialized

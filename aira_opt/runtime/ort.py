@@ -38,7 +38,8 @@ def saturation_risk(manifest: Manifest) -> bool:
 class OrtDecoder(Runner):
     """One ONNX Runtime session over an export folder, with KV cache stepping through IOBinding."""
 
-    def __init__(self, folder: Path | ExportFolder, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, folder: Path | ExportFolder, provider: str = "cpu", threads: int | None = None,
+                 shared_threads: bool = False):
         self.export = folder if isinstance(folder, ExportFolder) else ExportFolder(folder)
         self.folder = self.export.path
         self.provider = provider
@@ -49,6 +50,7 @@ class OrtDecoder(Runner):
         self.contract = self.export.contract
         self.providers = resolve_provider(provider)
         self.threads = threads
+        self.shared_threads = shared_threads  # the process's one thread pool (a target and its draft take turns)
         self.session: ort.InferenceSession | None = None
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.kv_dtype: Any = None
@@ -63,7 +65,8 @@ class OrtDecoder(Runner):
         if self.session is None:
             try:
                 self.session = ort.InferenceSession(str(self.model_path),
-                                                    sess_options=session_options(self.threads), providers=self.providers)
+                                                    sess_options=session_options(self.threads, self.shared_threads),
+                                                    providers=self.providers)
             except Exception as exc:  # onnxruntime's own types: InvalidProtobuf, Fail, NoSuchFile, ...
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ExportFolderError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnxruntime as ort
 
 from aira_opt.core.errors import ProviderUnavailableError
+from aira_opt.core.threads import session_threads
 
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider", "onnxruntime"),
@@ -28,10 +29,8 @@ def resolve_provider(name: str) -> list[str]:
     return [provider] if name == "cpu" else [provider, "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, shared_threads: bool = False) -> ort.SessionOptions:
+    """shared_threads: run on the process's shared pool (core.threads) instead of a pool of its own."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return opts
+    return session_threads(opts, threads, shared_threads)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from aira_opt.generation.generator import GenerateOptions
+from aira_opt.generation.speculative import NGRAM, Speculation
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ INPUTS: tuple[Field, ...] = (
     Field("seed", "TYPE_INT64", True, "seed for this request's sampling (repeats exactly, whatever it is batched with)"),
     Field("ignore_eos", "TYPE_BOOL", True, "true: generate exactly max_tokens, past any eos (load tests)"),
     Field("stream", "TYPE_BOOL", True, "true: one response per new token, with its text (use with generate_stream)"),
+    Field("speculative", "TYPE_STRING", True, "ngram: prompt lookup proposes tokens, verified in one step (the same "
+          "answer, fewer steps); off [default]"),
+    Field("num_speculative_tokens", "TYPE_INT32", True, "the most tokens proposed per step [default: 4]"),
 )
 OUTPUTS: tuple[Field, ...] = (
     Field("text_output", "TYPE_STRING", False, "the answer, or the next piece of it when streaming"),
@@ -109,12 +113,31 @@ def parse_request(values: dict[str, np.ndarray | None], defaults: GenerateOption
         problems.append(f"seed must be >= 0, got {int(seed)}")
     stream = _scalar(values, "stream", problems)
     ignore_eos = _scalar(values, "ignore_eos", problems)
+    speculation = _speculation(values, problems)
     if problems:
         raise BadRequest("; ".join(problems))
     options = replace(defaults, sampling=sampling, seed=None if seed is None else int(seed), num_return_sequences=1,
                       max_new_tokens=defaults.max_new_tokens if max_tokens is None else int(max_tokens),
-                      ignore_eos=bool(ignore_eos) if ignore_eos is not None else False)
+                      ignore_eos=bool(ignore_eos) if ignore_eos is not None else False, speculation=speculation)
     return GenerateRequest(text, options, bool(stream) if stream is not None else False, max_tokens is not None)
+
+
+def _speculation(values: dict[str, np.ndarray | None], problems: list[str]) -> Speculation | None:
+    """A request's speculation: prompt lookup only (a draft model would need its own cache beside the running
+    batch's, which rows join and leave)."""
+    raw = _scalar(values, "speculative", problems)
+    count = _scalar(values, "num_speculative_tokens", problems)
+    method = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)) if raw is not None else "off"
+    if method not in (NGRAM, "off"):
+        problems.append(f"speculative must be ngram or off (a server speculates by prompt lookup), got {method!r}")
+        return None
+    if method == "off":
+        if count is not None:
+            problems.append("num_speculative_tokens needs speculative ngram")
+        return None
+    speculation = Speculation(NGRAM, None if count is None else int(count))
+    problems += speculation.validate()
+    return speculation
 
 
 def fit_to_context(request: GenerateRequest, prompt_tokens: int, context: int) -> GenerateRequest:
