@@ -195,7 +195,8 @@ def _totals(records: list[dict]) -> dict[str, Any] | None:
     proposed, accepted = sum(r["proposed"] for r in records), sum(r["accepted"] for r in records)
     return {"method": records[0]["method"], "proposed": proposed, "accepted": accepted,
             "verify_steps": sum(r["verify_steps"] for r in records),
-            "acceptance_rate": round(accepted / proposed, 4) if proposed else 0.0}
+            "acceptance_rate": round(accepted / proposed, 4) if proposed else 0.0,
+            "exact": all(r["exact"] for r in records)}
 
 
 def report_table(report: CheckReport) -> str:

@@ -88,3 +88,41 @@ def test_a_typed_chat_token_stays_text(smol_exports):
     assert result.exit_code == 0, result.output
     ids = json.loads(result.output)["prompt_token_ids"]
     assert ids.count(2) == 2  # <|im_end|> closes the system prompt and the user turn, never the typed one
+
+
+SPECULATION_PROMPTS = ["What is the capital of France?",
+                       "Repeat the following passage exactly: \"Four score and seven years ago our fathers brought "
+                       "forth on this continent, a new nation, conceived in Liberty.\""]
+
+
+@pytest.mark.parametrize("prompt", SPECULATION_PROMPTS)
+def test_the_int4_export_drafts_for_fp32_with_the_same_greedy_text(smol_exports, prompt):
+    """The issue's own check, as a user runs it: the same text as without the draft, and the acceptance in --json."""
+    plain = CliRunner().invoke(main, ["generate", "--onnx", str(smol_exports["fp32"]), "--greedy",
+                                      "--max-new-tokens", "48", "--json", "-", prompt])
+    drafted = CliRunner().invoke(main, ["generate", "--onnx", str(smol_exports["fp32"]), "--greedy",
+                                        "--max-new-tokens", "48", "--json", "-",
+                                        "--speculative-draft", str(smol_exports["int4"]), prompt])
+    assert plain.exit_code == 0 and drafted.exit_code == 0, drafted.output
+    plain_answer, drafted_answer = json.loads(plain.output), json.loads(drafted.output)
+    assert drafted_answer["token_ids"] == plain_answer["token_ids"]
+    record = drafted_answer["speculation"]
+    assert record["exact"] and record["acceptance_rate"] > 0.5 and record["tokens_per_step"] > 1.5
+
+
+def test_an_int4_target_says_its_verify_steps_are_not_exact(smol_exports):
+    """MatMulNBits at accuracy level 4 quantizes activations per row count differently: the record says so."""
+    result = CliRunner().invoke(main, ["generate", "--onnx", str(smol_exports["int4"]), "--greedy",
+                                       "--max-new-tokens", "32", "--json", "-", "--speculative", "ngram",
+                                       SPECULATION_PROMPTS[1]])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["speculation"]["exact"] is False
+
+
+def test_check_holds_with_the_int4_draft(smol_exports, tmp_path):
+    result = CliRunner().invoke(main, ["check", "--onnx", str(smol_exports["fp32"]), "--max-new-tokens", "16",
+                                       "--speculative-draft", str(smol_exports["int4"]), "--json",
+                                       str(tmp_path / "report.json")])
+    assert result.exit_code == 0 and "PASSED" in result.output, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] and report["speculation"]["proposed"] > 0 and report["speculation"]["exact"]

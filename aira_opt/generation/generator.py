@@ -292,7 +292,7 @@ class Generator:
         if not records:
             return None
         tokens = max((len(r.tokens) for r in self.rows), default=1) - 1
-        return summary(records, tokens, len(self.decode_seconds))
+        return summary(records, tokens, len(self.decode_seconds), getattr(self.model, "exact_chunks", True))
 
     def run(self) -> None:
         """Step until every row has ended."""

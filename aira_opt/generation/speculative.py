@@ -157,14 +157,17 @@ class Acceptance:
                 "acceptance_rate": round(self.accepted / self.proposed, 4) if self.proposed else 0.0}
 
 
-def summary(records: Sequence[Acceptance], tokens: int, target_steps: int) -> dict[str, float | int | str]:
-    """The acceptance of a whole generation: proposals, acceptances, and tokens per target decode step."""
+def summary(records: Sequence[Acceptance], tokens: int, target_steps: int,
+            exact: bool) -> dict[str, float | int | str | bool]:
+    """The acceptance of a whole generation: proposals, acceptances, tokens per target decode step, and whether
+    the target's verify steps compute exactly what its single steps do (greedy output identical to the plain
+    loop's); where they do not, the output is the target's as its multi-row kernels compute it."""
     proposed = sum(r.proposed for r in records)
     accepted = sum(r.accepted for r in records)
     return {"method": records[0].speculation.method if records else "", "proposed": proposed, "accepted": accepted,
             "verify_steps": sum(r.verify_steps for r in records),
             "acceptance_rate": round(accepted / proposed, 4) if proposed else 0.0,
-            "tokens_per_step": round(tokens / target_steps, 4) if target_steps else 0.0}
+            "tokens_per_step": round(tokens / target_steps, 4) if target_steps else 0.0, "exact": exact}
 
 
 # Verification ---------------------------------------------------------------------------------------------

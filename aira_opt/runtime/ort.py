@@ -35,6 +35,17 @@ def saturation_risk(manifest: Manifest) -> bool:
             and str(quantization.get("weight_range", "")).startswith("8-bit") and not has_int8_dot())
 
 
+def quantized_activations(manifest: Manifest | None) -> bool:
+    """Whether the graph's kernels quantize activations at run time (MatMulNBits at accuracy level 4, dynamic
+    int8). Their multi-row kernels then compute a step over several positions differently from a single-position
+    step (by more than rounding), so speculation's verify step cannot reproduce the plain loop's logits exactly."""
+    if manifest is None:
+        return False
+    quantization = manifest.quantization
+    return (quantization.get("accuracy_level") == 4
+            or str(quantization.get("method", "")).startswith("dynamic int8"))
+
+
 class OrtDecoder(Runner):
     """One ONNX Runtime session over an export folder, with KV cache stepping through IOBinding."""
 
@@ -59,6 +70,7 @@ class OrtDecoder(Runner):
         self.in_place_cache = provider in ("cpu", "cuda") and self.manifest is not None and self.manifest.fused
         # GroupQueryAttention takes several new positions on top of a past only at batch 1.
         self.batched_chunks = not (self.manifest is not None and self.manifest.fused)
+        self.exact_chunks = not quantized_activations(self.manifest)
 
     # Lifecycle --------------------------------------------------------------------------------------
     def activate(self) -> OrtDecoder:

@@ -60,6 +60,7 @@ class Decoder(Protocol):
     kv_dtype: Any  # numpy dtype of the cache (known once activated)
     in_place_cache: bool  # given a capacity, it preallocates the cache once and its graph writes it in place
     batched_chunks: bool  # a step of several positions after the prefill works at batch > 1 (speculation's verify)
+    exact_chunks: bool  # such a step gives the logits single steps give, up to float rounding
 
     def activate(self) -> Decoder: ...
 

@@ -36,6 +36,7 @@ class TorchDecoder(Runner):
         self.provider = f"torch {baseline}"
         self.in_place_cache = False  # transformers' cache object grows
         self.batched_chunks = True
+        self.exact_chunks = True
         self.kv_dtype: Any = np.float16 if baseline == "cuda-fp16" else np.float32
 
     def activate(self) -> TorchDecoder:

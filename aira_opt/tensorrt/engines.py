@@ -144,6 +144,7 @@ class TrtDecoder(Runner):
         self.provider = "tensorrt-engine"
         self.in_place_cache = False  # the engine's graph concatenates its cache
         self.batched_chunks = True
+        self.exact_chunks = True
         self.profiles = [Profile(p["name"], {k: _shape_range(v) for k, v in p["shapes"].items()})
                          for p in self.record.profiles]
         self.engine = self.context = None
