@@ -64,7 +64,7 @@ def speculation_options(command: Any) -> Any:
                      help="An export with the same tokenizer that proposes tokens (the int4 export of the same "
                           "model, say)."),
         click.option("--num-speculative-tokens", type=click.IntRange(1, MAX_TOKENS), default=None,
-                     help="The most tokens proposed per step; fewer, or none, while few are accepted [default: 4]."),
+                     help="The most tokens proposed per step; fewer, or none, while few are accepted [default: 6 for ngram, 4 for a draft]."),
     ]):
         command = option(command)
     return command

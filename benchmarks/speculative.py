@@ -15,6 +15,7 @@ shape, where random weights accept nothing and only the cost means something).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -27,16 +28,23 @@ from aira_opt.benchmark.machine import machine_info, probe_bandwidth_gbps
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.core.tables import text_table
 from aira_opt.generation.generator import generate
+from aira_opt.generation.speculative import DEFAULT_TOKENS, DRAFT, NGRAM
 from aira_opt.runtime.ort import OrtDecoder
 
 PROMPTS = Path(__file__).parent / "prompts" / "speculative.json"
-Timed = tuple[list[int], list[float]]  # tokens, and the wall-clock time each arrived
+Timed = tuple[list[int], list[float]]  # tokens; the start, then the wall-clock time the tokens arrived
 
 
 def rate(runs: list[Timed]) -> float:
+    """Decode tokens/s: tokens after the first over the time from the first to the last."""
     tokens = sum(len(t) - 1 for t, _ in runs if len(t) > 1)
-    seconds = sum(times[-1] - times[0] for t, times in runs if len(t) > 1)
+    seconds = sum(times[-1] - times[1] for t, times in runs if len(t) > 1)
     return tokens / seconds if seconds > 0 else float("nan")
+
+
+def ttft_ms(runs: list[Timed]) -> float:
+    """Median time to the first token (prompt processing: the draft's prefill included)."""
+    return float(np.median([times[1] - times[0] for _, times in runs])) * 1000
 
 
 # Ours ----------------------------------------------------------------------------------------------------
@@ -48,7 +56,7 @@ def ours(model: aira_opt.Model, speculative: str, k: int | None, adaptive: bool 
                                 num_speculative_tokens=k if speculative != "off" else None)
         if options.speculation is not None and not adaptive:
             options = replace(options, speculation=replace(options.speculation, adaptive=False))
-        times: list[float] = []
+        times: list[float] = [time.perf_counter()]
         result = generate(model.runner, [ids], options, model.prompt_format.stop_ids,
                                        model.prompt_format.pad_id, on_token=lambda row, t: times.append(
                                            time.perf_counter()), draft=model.draft)
@@ -63,6 +71,7 @@ def transformers_run(loaded, stop_ids: list[int], pad: int, lookup: int | None) 
     from aira_opt.runtime.pytorch import HF_GREEDY, _timing_streamer
 
     def run(ids: list[int], new: int) -> tuple[list[int], list[float], None]:
+        start = time.perf_counter()
         x = torch.tensor([ids])
         streamer = _timing_streamer()
         extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
@@ -71,7 +80,7 @@ def transformers_run(loaded, stop_ids: list[int], pad: int, lookup: int | None) 
                                         pad_token_id=pad, streamer=streamer, **HF_GREEDY, **extra)
         tokens = out[0, len(ids):].tolist()
         # one put() per step after the prompt's; a step may bring several tokens: the last arrival is what counts
-        return tokens, [streamer.times[1], streamer.times[-1]], None
+        return tokens, [start, streamer.times[1], streamer.times[-1]], None
     return run
 
 
@@ -84,7 +93,7 @@ def llama_run(path: Path, threads: int, stop_ids: list[int], draft: object | Non
 
     def run(ids: list[int], new: int) -> tuple[list[int], list[float], None]:
         llm.reset()
-        tokens, times = [], []
+        tokens, times = [], [time.perf_counter()]
         for token in llm.generate(ids, temp=0.0, reset=True):
             tokens.append(int(token))
             times.append(time.perf_counter())
@@ -141,11 +150,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=Path, required=True, help="our fp32 export")
     parser.add_argument("--draft", type=Path, required=True, help="our int4 export (the draft, and an int4 target)")
+    parser.add_argument("--target-fused", type=Path, default=None, help="our fp32 export with --fuse (in-place cache)")
     parser.add_argument("--source", default=None, help="the --model spec of transformers' rows (default: none)")
     parser.add_argument("--gguf-dir", type=Path, default=None, help="model-f32.gguf and model-Q4_0.gguf (make_gguf.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--k", type=int, default=4, help="proposals per step for every method, ours and the peers'")
+    parser.add_argument("--k-ngram", type=int, default=DEFAULT_TOKENS[NGRAM],
+                        help="proposals per step of prompt lookup, ours and the peers' [default: ours]")
+    parser.add_argument("--k-draft", type=int, default=DEFAULT_TOKENS[DRAFT],
+                        help="proposals per step of a draft model, ours and llama.cpp's [default: ours]")
     parser.add_argument("--sweep", default="1,2,3,4,6,8", help="K values of the sweep (fixed K)")
     parser.add_argument("--sweep-prompts", type=int, default=10)
     parser.add_argument("--cost-model", type=Path, nargs="*", default=[])
@@ -155,25 +168,34 @@ def main() -> None:
     sets = json.loads(PROMPTS.read_text())
     results, sweep = [], []
     with aira_opt.load(args.target, threads=args.threads, draft=args.draft) as target, \
-            aira_opt.load(args.draft, threads=args.threads) as int4:
+            aira_opt.load(args.draft, threads=args.threads) as int4, \
+            (aira_opt.load(args.target_fused, threads=args.threads, draft=args.draft) if args.target_fused
+             else contextlib.nullcontext()) as fused:
         fmt = target.prompt_format
         ids = {name: [target.prompt_ids(p["prompt"]) for p in sets[name]] for name in ("grounded", "open")}
         rows: list[tuple[str, str, str, Callable]] = [  # (label, family, plain baseline label, run)
             ("ours fp32", "ours", "ours fp32", ours(target, "off", None)),
-            ("ours fp32 + ngram", "ours", "ours fp32", ours(target, "ngram", args.k)),
-            ("ours fp32 + draft int4", "ours", "ours fp32", ours(target, "draft", args.k)),
+            ("ours fp32 + ngram", "ours", "ours fp32", ours(target, "ngram", args.k_ngram)),
+            ("ours fp32 + draft int4", "ours", "ours fp32", ours(target, "draft", args.k_draft)),
+            *([] if fused is None else [
+                ("ours fp32-fused", "ours", "ours fp32-fused", ours(fused, "off", None)),
+                ("ours fp32-fused + ngram", "ours", "ours fp32-fused", ours(fused, "ngram", args.k_ngram)),
+                ("ours fp32-fused + draft int4", "ours", "ours fp32-fused", ours(fused, "draft", args.k_draft))]),
             ("ours int4", "ours", "ours int4", ours(int4, "off", None)),
-            ("ours int4 + ngram", "ours", "ours int4", ours(int4, "ngram", args.k)),
+            ("ours int4 + ngram", "ours", "ours int4", ours(int4, "ngram", args.k_ngram)),
         ]
         if args.source:
+            import torch
+
             from aira_opt.source.models import load_model
 
+            torch.set_num_threads(args.threads)
             loaded = load_model(args.source)
             stops = list(fmt.stop_ids)
             rows += [("transformers fp32", "transformers", "transformers fp32",
                       transformers_run(loaded, stops, fmt.pad_id, None)),
                      ("transformers fp32 + prompt lookup", "transformers", "transformers fp32",
-                      transformers_run(loaded, stops, fmt.pad_id, args.k))]
+                      transformers_run(loaded, stops, fmt.pad_id, args.k_ngram))]
         if args.gguf_dir:
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -182,13 +204,13 @@ def main() -> None:
             rows += [("llama.cpp f32", "llama.cpp", "llama.cpp f32", llama_run(f32, args.threads, stops, None)),
                      ("llama.cpp f32 + prompt lookup", "llama.cpp", "llama.cpp f32",
                       llama_run(f32, args.threads, stops, LlamaPromptLookupDecoding(max_ngram_size=3,
-                                                                                   num_pred_tokens=args.k))),
+                                                                                   num_pred_tokens=args.k_ngram))),
                      ("llama.cpp f32 + draft Q4_0", "llama.cpp", "llama.cpp f32",
-                      llama_run(f32, args.threads, stops, gguf_draft(q4, args.threads, args.k))),
+                      llama_run(f32, args.threads, stops, gguf_draft(q4, args.threads, args.k_draft))),
                      ("llama.cpp Q4_0", "llama.cpp", "llama.cpp Q4_0", llama_run(q4, args.threads, stops, None)),
                      ("llama.cpp Q4_0 + prompt lookup", "llama.cpp", "llama.cpp Q4_0",
                       llama_run(q4, args.threads, stops, LlamaPromptLookupDecoding(max_ngram_size=3,
-                                                                                  num_pred_tokens=args.k)))]
+                                                                                  num_pred_tokens=args.k_ngram)))]
         outputs: dict[tuple[str, str], list[list[int]]] = {}
         for name in ("grounded", "open"):
             for label, family, baseline, run in rows:
@@ -203,7 +225,7 @@ def main() -> None:
                 proposed = sum(r["proposed"] for r in records)
                 results.append({
                     "set": name, "label": label, "family": family, "baseline": baseline,
-                    "decode_tokens_per_s": round(rate(timed), 3),
+                    "decode_tokens_per_s": round(rate(timed), 3), "ttft_ms": round(ttft_ms(timed), 1),
                     "tokens": sum(len(t) for t, _ in timed),
                     "identical": sum(a == b for a, b in zip(outputs[(name, label)], plain)),
                     "prompts": len(timed),
@@ -226,13 +248,15 @@ def main() -> None:
     costs = [verify_cost(folder, args.threads, [1, 2, 3, 5, 9]) for folder in args.cost_model]
     machine = machine_info(args.threads, probe_bandwidth_gbps())
     report = {"machine": machine, "command": "python " + " ".join(__import__("sys").argv),
-              "settings": {"max_new_tokens": args.max_new_tokens, "k": args.k, "threads": args.threads,
+              "settings": {"max_new_tokens": args.max_new_tokens, "k_ngram": args.k_ngram, "k_draft": args.k_draft,
+                           "threads": args.threads,
                            "greedy": True, "batch": 1},
               "results": results, "sweep": sweep, "verify_cost": costs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    table = text_table(["set", "backend", "decode tok/s", "speedup", "identical", "acceptance", "tokens/step"],
-                       [(r["set"], r["label"], r["decode_tokens_per_s"], f"{r['speedup']:.2f}x",
+    table = text_table(["set", "backend", "decode tok/s", "speedup", "ttft ms", "identical", "acceptance",
+                        "tokens/step"],
+                       [(r["set"], r["label"], r["decode_tokens_per_s"], f"{r['speedup']:.2f}x", r["ttft_ms"],
                          f"{r['identical']}/{r['prompts']}", r["acceptance_rate"] if r["acceptance_rate"] is not None
                          else "-", r["tokens_per_step"] or "-") for r in results])
     lines = [f"# Speculative decoding, {machine.get('cpu', '')}", "", f"`{report['command']}`", "", "```", table, "```"]

@@ -128,11 +128,14 @@ class Generator:
         input_ids, mask = left_pad([r.prompt for r in rows], self.pad_id)  # [N, S]
         if self.active == 0:
             self.rows = rows
-            if self.draft is not None:
-                self.drafter = DraftProposer(self.draft, self.pad_id, len(rows), capacity)
             self.cache = self.model.empty_cache(len(rows), None if self.compact else capacity)
             self.logits, self.cache = self._forward(input_ids, mask, self.prefill_seconds)
             self.mask, self.padded_prompt_length = mask, self.padded_prompt_length or input_ids.shape[1]
+            if self.draft is not None and any(r.acceptance is not None and r.acceptance.speculation.method == DRAFT
+                                              for r in rows):
+                # The draft reads the prompts now too: prompt processing, counted in the time to the first token.
+                self.drafter = DraftProposer(self.draft, self.pad_id, len(rows), capacity)
+                self.prefill_seconds[-1] += self.drafter.catch_up([r.prompt for r in rows])[1]
             return
         if not self.compact:
             raise ValueError("rows can join a running batch only in a compact generator over a runner with host "

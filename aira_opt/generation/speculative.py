@@ -31,7 +31,7 @@ from aira_opt.runtime.protocol import Decoder, KVCache
 
 NGRAM, DRAFT = "ngram", "draft"
 METHODS = (NGRAM, DRAFT)
-DEFAULT_TOKENS = {NGRAM: 4, DRAFT: 4}  # the most proposed per step unless given (benchmarks/notes: speedup vs K)
+DEFAULT_TOKENS = {NGRAM: 6, DRAFT: 4}  # the most proposed per step unless given (benchmarks/notes: speedup vs K)
 MAX_TOKENS = 16
 
 
@@ -269,11 +269,11 @@ class DraftProposer:
         self.proposed_width = 0  # draft positions written for the last proposals (settled after verification)
         self.seconds: list[float] = []
 
-    def propose(self, histories: Sequence[list[int]], ks: Sequence[int], settings: Sequence[SamplingSettings],
-                rngs: Sequence[np.random.Generator]) -> tuple[list[list[int]], list[np.ndarray | None]]:
-        """Row i's history (prompt and tokens) and how many tokens to propose -> the proposals and, for sampling
-        rows, the [K, V] distributions they were drawn from."""
-        batch, most = len(histories), max(ks)
+    def catch_up(self, histories: Sequence[list[int]], extra: int = 0) -> tuple[np.ndarray, float]:
+        """Feed the draft what it has not seen of each row's history (prompt and tokens), as one chunk: the
+        prompts' prefill at first, then the token the target chose (and the last proposal, when all were kept).
+        extra: positions that will follow (room to keep). Returns the last logits [B, V] and the seconds."""
+        batch = len(histories)
         pending = [h[f:] for h, f in zip(histories, self.fed)]
         width = max(1, max(len(p) for p in pending))
         ids = np.full((batch, width), self.pad_id, dtype=np.int64)  # [B, P]: right-aligned, holes on the left
@@ -281,9 +281,17 @@ class DraftProposer:
         for i, p in enumerate(pending):
             if p:
                 ids[i, width - len(p):], valid[i, width - len(p):] = p, True
-        self._fit(width + most - 1)
+        self._fit(width + extra)
         logits, self.cache, self.mask, seconds = forward_chunk(self.model, self.cache, self.mask, ids, valid, False)
         self.fed = [len(h) for h in histories]
+        return logits, seconds
+
+    def propose(self, histories: Sequence[list[int]], ks: Sequence[int], settings: Sequence[SamplingSettings],
+                rngs: Sequence[np.random.Generator]) -> tuple[list[list[int]], list[np.ndarray | None]]:
+        """Row i's history (prompt and tokens) and how many tokens to propose -> the proposals and, for sampling
+        rows, the [K, V] distributions they were drawn from."""
+        batch, most = len(histories), max(ks)
+        logits, seconds = self.catch_up(histories, most - 1)
         proposals: list[list[int]] = [[] for _ in histories]
         probs: list[list[np.ndarray]] = [[] for _ in histories]
         for j in range(most):

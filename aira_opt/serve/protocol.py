@@ -39,7 +39,7 @@ INPUTS: tuple[Field, ...] = (
     Field("stream", "TYPE_BOOL", True, "true: one response per new token, with its text (use with generate_stream)"),
     Field("speculative", "TYPE_STRING", True, "ngram: prompt lookup proposes tokens, verified in one step (the same "
           "answer, fewer steps); off [default]"),
-    Field("num_speculative_tokens", "TYPE_INT32", True, "the most tokens proposed per step [default: 4]"),
+    Field("num_speculative_tokens", "TYPE_INT32", True, "the most tokens proposed per step [default: 6]"),
 )
 OUTPUTS: tuple[Field, ...] = (
     Field("text_output", "TYPE_STRING", False, "the answer, or the next piece of it when streaming"),
