@@ -15,7 +15,7 @@ from typing import Any
 
 from aira_opt._version import __version__
 
-__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "bench", "inspect", "Model",
+__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect", "Model",
            "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 _API = set(__all__) - {"__version__"}

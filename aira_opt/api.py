@@ -29,9 +29,8 @@ from aira_opt.parity import check_folder
 from aira_opt.core.errors import AiraOptError, OptionError
 from aira_opt.core.progress import ProgressCallback
 from aira_opt.folders import EngineFolder, ExportFolder, open_folder
-from aira_opt.generation.defaults import generate_options
+from aira_opt.generation.defaults import generate_options, speculation_from
 from aira_opt.generation.generator import GenerateOptions, GenerationResult, Generator, Row, fitted, generate
-from aira_opt.generation.speculative import Speculation
 from aira_opt.generation.streaming import TextStream
 from aira_opt.pipeline.export_plan import ExportPlan, plan_export
 from aira_opt.pipeline.export_run import run_export
@@ -102,16 +101,12 @@ class Model:
             raise OptionError("max_new_tokens must be at least 1")
         if temperature == 0:
             greedy, temperature = True, None
-        if speculative is None and self.draft is not None:
-            speculative = "draft"
-        if speculative == "draft" and self.draft is None:
-            raise OptionError("speculative 'draft' needs a draft model: load(folder, draft=DIR), or --speculative-draft DIR")
         return generate_options(self.folder.generation_config, greedy=greedy, seed=seed,
                                 num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty,
-                                speculative=None if speculative == "off" else speculative,
-                                num_speculative_tokens=num_speculative_tokens)
+                                speculation=speculation_from(speculative, num_speculative_tokens,
+                                                             self.draft is not None))
 
     # Answers ------------------------------------------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:
@@ -183,13 +178,17 @@ class Model:
 
 # The calls ------------------------------------------------------------------------------------------------------
 def load(folder: FolderLike, provider: str = "cpu", threads: int | None = None,
-         draft: FolderLike | None = None) -> Model:
+         draft: FolderLike | None = None, shared_threads: bool = False) -> Model:
     """An export folder (ONNX Runtime on `provider`: cpu, cuda, tensorrt) or an engine folder (TensorRT),
     loaded and ready to answer. draft: an export with the same tokenizer (the int4 export of the same model, say)
-    that proposes tokens for this one to verify: the answers stay this model's own."""
+    that proposes tokens for this one to verify: the answers stay this model's own. The draft runs on one thread;
+    shared_threads puts it and this model on ONNX Runtime's process-wide pool instead (faster, but from then on
+    every ONNX Runtime session of the process must use that pool: onnxruntime's own tools that make sessions,
+    such as its static quantizer, then fail. The CLI does it, since its process ends with the command)."""
     opened = open_folder(folder)
-    draft_runner = open_draft(opened, draft, provider, threads) if draft is not None else None
-    runner = open_runner(opened, provider, threads, shared_threads=draft_runner is not None)
+    shared = shared_threads and draft is not None
+    draft_runner = open_draft(opened, draft, provider, threads, shared) if draft is not None else None
+    runner = open_runner(opened, provider, threads, shared_threads=shared)
     runner.activate()
     try:
         if draft_runner is not None:
@@ -212,24 +211,22 @@ def export(model: str = "aira-tiny", precision: str = "fp32", output: str | Path
 def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str] | str | Path | None = None,
           max_new_tokens: int = 32, provider: str = "cpu", threads: int | None = None,
           baseline: str = "cpu-fp32", quiet: bool = True, speculative: str | None = None,
-          draft: FolderLike | None = None, num_speculative_tokens: int | None = None) -> dict[str, Any]:
+          draft: FolderLike | None = None, num_speculative_tokens: int | None = None,
+          shared_threads: bool = False) -> dict[str, Any]:
     """Parity of an export (or engine) with the PyTorch model it came from: the record `check --json` prints.
     Its `passed` says whether the variant's thresholds were met. prompts: questions, or a file of one per
     line (default: the built-in ones for the export's prompt format). speculative ("ngram", or "draft" with
-    `draft`): the greedy sequences come from our loop speculating."""
+    `draft`): the greedy sequences come from our loop speculating (shared_threads: as in `load`)."""
     opened = open_folder(folder)
     if prompts is not None and not isinstance(prompts, (str, Path)):
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise OptionError("no prompts to check")
     questions = Path(prompts) if isinstance(prompts, (str, Path)) else prompts
-    method = speculative or ("draft" if draft is not None else None)
-    speculation = None if method in (None, "off") else Speculation(method, num_speculative_tokens)
-    if speculation is not None and speculation.validate():
-        raise OptionError("; ".join(speculation.validate()))
-    draft_folder = open_folder(draft) if draft is not None else None
+    speculation = speculation_from(speculative, num_speculative_tokens, draft is not None)
     return check_folder(opened, model, questions, max_new_tokens, provider, threads, baseline, quiet,
-                        speculation=speculation, draft=draft_folder).to_json()
+                        speculation=speculation, draft=open_folder(draft) if draft is not None else None,
+                        shared_threads=shared_threads).to_json()
 
 
 def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines: Sequence[str | Path] = (),
@@ -244,17 +241,11 @@ def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines:
     each export also gets an `ort` row that speculates."""
     if new_tokens < 2 or not prompt_lengths or not batch_sizes or min(*prompt_lengths, *batch_sizes) < 1:
         raise OptionError("bench needs new_tokens >= 2 and positive prompt lengths and batch sizes")
-    method = speculative or ("draft" if draft is not None else None)
-    method = None if method == "off" else method
-    if method is not None and Speculation(method, num_speculative_tokens).validate():
-        raise OptionError("; ".join(Speculation(method, num_speculative_tokens).validate()))
-    if method == "draft" and draft is None:
-        raise OptionError("speculative 'draft' needs a draft model (draft=DIR)")
-    if draft is not None and onnx:
-        check_draft(onnx[0], draft)
+    speculation = speculation_from(speculative, num_speculative_tokens, draft is not None)
     sources = BenchSources(model, num_layers, [Path(p) for p in onnx], [Path(p) for p in engines],
                            [Path(p) for p in genai], [Path(p) for p in gguf], provider, optimum_python,
-                           speculative=method, draft_dir=Path(draft) if draft is not None else None,
+                           speculative=speculation.method if speculation else None,
+                           draft_dir=Path(draft) if draft is not None else None,
                            num_speculative_tokens=num_speculative_tokens)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     report = run_bench_jobs(sources, list(backends), settings, warmup, repeats, threads, progress=on_progress)

@@ -22,7 +22,8 @@ from aira_opt.core.errors import AiraOptError, Terminated, UnexpectedError
 from aira_opt.core.progress import print_progress
 from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.folders import ExportFolder
-from aira_opt.generation.speculative import MAX_TOKENS, METHODS, Speculation
+from aira_opt.generation.defaults import speculation_from
+from aira_opt.generation.speculative import MAX_TOKENS, METHODS
 from aira_opt.inspection import inspect_folder
 from aira_opt.pipeline.export_plan import kernel_choices
 from aira_opt.precision.variants import BLOCK_SIZES, exportable_names
@@ -68,17 +69,6 @@ def speculation_options(command: Any) -> Any:
     ]):
         command = option(command)
     return command
-
-
-def speculation_from(speculative: str | None, draft_dir: Path | None,
-                     num_speculative_tokens: int | None) -> Speculation | None:
-    """The options of speculation_options as one record (None: off); a draft given means "draft" by default."""
-    method = speculative or ("draft" if draft_dir is not None else None)
-    if method in (None, "off"):
-        if num_speculative_tokens is not None:
-            raise AiraOptError("--num-speculative-tokens needs --speculative ngram or --speculative-draft DIR")
-        return None
-    return Speculation(method, num_speculative_tokens)
 
 
 def json_option(what: str) -> Any:
@@ -218,7 +208,8 @@ def generate_cmd(onnx_dir: Path | None, engine_dir: Path | None, question: str |
                    speculative=speculative, num_speculative_tokens=num_speculative_tokens)
     questions = [question] if question is not None else (line.strip() for line in sys.stdin)
     answers = []
-    with api.load(folder, provider, threads, draft=draft_dir) as model:
+    # A draft and its target share ONNX Runtime's process-wide thread pool: this process ends with the command.
+    with api.load(folder, provider, threads, draft=draft_dir, shared_threads=True) as model:
         model.options(**options)  # a bad value is one line before any question is read
         for q in questions:
             if not q:
@@ -305,9 +296,9 @@ def check_cmd(onnx_dir: Path | None, engine_dir: Path | None, model_spec: str | 
               speculative: str | None, draft_dir: Path | None, num_speculative_tokens: int | None) -> None:
     """Check an export's outputs against the PyTorch baseline; exit 1 when it fails its thresholds."""
     report = check_folder(chosen_folder(onnx_dir, engine_dir), model_spec, prompts_file, max_new_tokens, provider,
-                          threads, baseline, speculation=speculation_from(speculative, draft_dir,
-                                                                          num_speculative_tokens),
-                          draft=draft_dir)
+                          threads, baseline, speculation=speculation_from(speculative, num_speculative_tokens,
+                                                                          draft_dir is not None),
+                          draft=draft_dir, shared_threads=True)
     data = report.to_json()
     if json_target is not None:
         emit_json(json_target, data)
@@ -381,9 +372,7 @@ def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ..
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side. With
     speculation, each export gets a second `ort` row that speculates (with its acceptance)."""
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
-    speculation = speculation_from(speculative, draft_dir, num_speculative_tokens)
-    if draft_dir is not None and onnx_dirs:
-        api.check_draft(onnx_dirs[0], draft_dir)
+    speculation = speculation_from(speculative, num_speculative_tokens, draft_dir is not None)
     sources = BenchSources(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), list(gguf_files),
                            provider, optimum_python, speculative=speculation.method if speculation else None,
                            draft_dir=draft_dir, num_speculative_tokens=num_speculative_tokens)

@@ -223,10 +223,12 @@ def load_questions(path: Path | None, fmt: PromptFormat) -> list[str]:
 def check_folder(folder: ExportFolder | EngineFolder, model_spec: str | None = None,
                  questions: list[str] | Path | None = None, max_new_tokens: int = 32, provider: str = "cpu",
                  threads: int | None = None, baseline: str = "cpu-fp32", quiet: bool = False,
-                 speculation: Speculation | None = None, draft: Path | ExportFolder | None = None) -> CheckReport:
+                 speculation: Speculation | None = None, draft: Path | ExportFolder | None = None,
+                 shared_threads: bool = False) -> CheckReport:
     """`check` on a folder: its runner against the PyTorch model it was made from (its manifest names it; or
     `model_spec`), on `questions` (a list, a file of one per line, or the defaults for its prompt format).
-    speculation: the greedy sequences come from our loop speculating (with `draft`'s proposals for "draft")."""
+    speculation: the greedy sequences come from our loop speculating (with `draft`'s proposals for "draft");
+    shared_threads: the export and its draft on ONNX Runtime's process-wide pool (api.load says when)."""
     if baseline not in BASELINES:
         raise OptionError(f"baseline must be one of {', '.join(BASELINES)}")
     manifest = folder.manifest
@@ -241,10 +243,9 @@ def check_folder(folder: ExportFolder | EngineFolder, model_spec: str | None = N
     loaded = load_model(spec, manifest.num_layers_override if model_spec is None else None)
     fmt = folder.prompt_format  # the format the export recorded
     asked = questions if isinstance(questions, list) else load_questions(questions, fmt)
-    if speculation is not None and speculation.method == "draft" and draft is None:
-        raise OptionError("speculative 'draft' needs a draft model (--speculative-draft DIR)")
-    draft_runner = open_draft(folder, draft, provider, threads) if draft is not None else None
-    with open_runner(folder, provider, threads, shared_threads=draft_runner is not None) as decoder:
+    shared = shared_threads and draft is not None
+    draft_runner = open_draft(folder, draft, provider, threads, shared) if draft is not None else None
+    with open_runner(folder, provider, threads, shared_threads=shared) as decoder:
         if draft_runner is not None:
             draft_runner.activate()
         try:

@@ -59,7 +59,11 @@ def check_draft(target: FolderLike, draft: FolderLike) -> ExportFolder | EngineF
     return draft_folder
 
 
-def open_draft(target: FolderLike, draft: FolderLike, provider: str = "cpu", threads: int | None = None) -> Decoder:
+def open_draft(target: FolderLike, draft: FolderLike, provider: str = "cpu", threads: int | None = None,
+               shared_threads: bool = False) -> Decoder:
     """The (not yet activated) runner of a draft model for `target`, refused in one line when it does not fit.
-    Open the target with shared_threads too: the two take turns on one thread pool."""
-    return open_runner(check_draft(target, draft), provider, threads, shared_threads=True)
+    The two take turns, so their thread pools must not fight over the cores: either both run on the process's
+    shared pool (shared_threads; open the target so too), or the draft runs on the calling thread alone (one
+    intra-op thread: no pool of its own spinning while the target runs)."""
+    return open_runner(check_draft(target, draft), provider, threads if shared_threads else 1,
+                       shared_threads=shared_threads)

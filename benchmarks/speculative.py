@@ -65,7 +65,7 @@ def ours(model: aira_opt.Model, speculative: str, k: int | None, adaptive: bool 
 
 
 # transformers -----------------------------------------------------------------------------------------------
-def transformers_run(loaded, stop_ids: list[int], pad: int, lookup: int | None) -> Callable:
+def transformers_run(loaded, stop_ids: list[int], pad: int, lookup: int | None, assistant=None) -> Callable:
     import torch
 
     from aira_opt.runtime.pytorch import HF_GREEDY, _timing_streamer
@@ -75,6 +75,7 @@ def transformers_run(loaded, stop_ids: list[int], pad: int, lookup: int | None) 
         x = torch.tensor([ids])
         streamer = _timing_streamer()
         extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+        extra |= {"assistant_model": assistant} if assistant is not None else {}
         with torch.inference_mode():
             out = loaded.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, eos_token_id=stop_ids,
                                         pad_token_id=pad, streamer=streamer, **HF_GREEDY, **extra)
@@ -82,6 +83,16 @@ def transformers_run(loaded, stop_ids: list[int], pad: int, lookup: int | None) 
         # one put() per step after the prompt's; a step may bring several tokens: the last arrival is what counts
         return tokens, [start, streamer.times[1], streamer.times[-1]], None
     return run
+
+
+def dynamic_int8_copy(model):
+    """transformers' draft (`assistant_model`): the same model with PyTorch's dynamic int8 Linear layers, the
+    cheaper copy of a model that PyTorch itself offers (no smaller model shares SmolLM2's tokenizer here)."""
+    import copy
+
+    import torch
+
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 # llama.cpp ----------------------------------------------------------------------------------------------------
@@ -167,9 +178,11 @@ def main() -> None:
 
     sets = json.loads(PROMPTS.read_text())
     results, sweep = [], []
-    with aira_opt.load(args.target, threads=args.threads, draft=args.draft) as target, \
+    # One process for the whole benchmark: a target and its draft share ONNX Runtime's process-wide thread pool.
+    with aira_opt.load(args.target, threads=args.threads, draft=args.draft, shared_threads=True) as target, \
             aira_opt.load(args.draft, threads=args.threads) as int4, \
-            (aira_opt.load(args.target_fused, threads=args.threads, draft=args.draft) if args.target_fused
+            (aira_opt.load(args.target_fused, threads=args.threads, draft=args.draft, shared_threads=True)
+             if args.target_fused
              else contextlib.nullcontext()) as fused:
         fmt = target.prompt_format
         ids = {name: [target.prompt_ids(p["prompt"]) for p in sets[name]] for name in ("grounded", "open")}
@@ -195,7 +208,9 @@ def main() -> None:
             rows += [("transformers fp32", "transformers", "transformers fp32",
                       transformers_run(loaded, stops, fmt.pad_id, None)),
                      ("transformers fp32 + prompt lookup", "transformers", "transformers fp32",
-                      transformers_run(loaded, stops, fmt.pad_id, args.k_ngram))]
+                      transformers_run(loaded, stops, fmt.pad_id, args.k_ngram)),
+                     ("transformers fp32 + assistant int8", "transformers", "transformers fp32",
+                      transformers_run(loaded, stops, fmt.pad_id, None, dynamic_int8_copy(loaded.model)))]
         if args.gguf_dir:
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 

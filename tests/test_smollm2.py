@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -95,16 +97,21 @@ SPECULATION_PROMPTS = ["What is the capital of France?",
                        "forth on this continent, a new nation, conceived in Liberty.\""]
 
 
+def aira_opt_cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own, as a user runs it (with a draft it puts ONNX Runtime on the process-wide
+    thread pool, which this test process must not get)."""
+    return subprocess.run([sys.executable, "-m", "aira_opt", *args], capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.parametrize("prompt", SPECULATION_PROMPTS)
 def test_the_int4_export_drafts_for_fp32_with_the_same_greedy_text(smol_exports, prompt):
     """The issue's own check, as a user runs it: the same text as without the draft, and the acceptance in --json."""
-    plain = CliRunner().invoke(main, ["generate", "--onnx", str(smol_exports["fp32"]), "--greedy",
-                                      "--max-new-tokens", "48", "--json", "-", prompt])
-    drafted = CliRunner().invoke(main, ["generate", "--onnx", str(smol_exports["fp32"]), "--greedy",
-                                        "--max-new-tokens", "48", "--json", "-",
-                                        "--speculative-draft", str(smol_exports["int4"]), prompt])
-    assert plain.exit_code == 0 and drafted.exit_code == 0, drafted.output
-    plain_answer, drafted_answer = json.loads(plain.output), json.loads(drafted.output)
+    plain = aira_opt_cli("generate", "--onnx", str(smol_exports["fp32"]), "--greedy", "--max-new-tokens", "48",
+                         "--json", "-", prompt)
+    drafted = aira_opt_cli("generate", "--onnx", str(smol_exports["fp32"]), "--greedy", "--max-new-tokens", "48",
+                           "--json", "-", "--speculative-draft", str(smol_exports["int4"]), prompt)
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    plain_answer, drafted_answer = json.loads(plain.stdout), json.loads(drafted.stdout)
     assert drafted_answer["token_ids"] == plain_answer["token_ids"]
     record = drafted_answer["speculation"]
     assert record["exact"] and record["acceptance_rate"] > 0.5 and record["tokens_per_step"] > 1.5
@@ -120,9 +127,8 @@ def test_an_int4_target_says_its_verify_steps_are_not_exact(smol_exports):
 
 
 def test_check_holds_with_the_int4_draft(smol_exports, tmp_path):
-    result = CliRunner().invoke(main, ["check", "--onnx", str(smol_exports["fp32"]), "--max-new-tokens", "16",
-                                       "--speculative-draft", str(smol_exports["int4"]), "--json",
-                                       str(tmp_path / "report.json")])
-    assert result.exit_code == 0 and "PASSED" in result.output, result.output
+    result = aira_opt_cli("check", "--onnx", str(smol_exports["fp32"]), "--max-new-tokens", "16",
+                          "--speculative-draft", str(smol_exports["int4"]), "--json", str(tmp_path / "report.json"))
+    assert result.returncode == 0 and "PASSED" in result.stdout + result.stderr, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and report["speculation"]["proposed"] > 0 and report["speculation"]["exact"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -49,6 +51,10 @@ def test_the_row_stops_speculating_when_nothing_is_accepted_and_probes_again():
     for _ in range(6):
         record.record(4, 4)
     assert record.choose(costs, draft_cost=False) == 4
+    always = StepCosts(seconds={5: 1.4}, draft_seconds=0.5)  # no plain step measured: inferred from the prior
+    assert always.plain() == pytest.approx(1.0) and always.draft_ratio() == pytest.approx(0.5)
+    expensive = StepCosts(seconds={1: 1.0, 5: 1.4}, draft_seconds=2.0)  # a draft slower than the target
+    assert Acceptance(Speculation("draft", 4)).choose(expensive, draft_cost=True) == 0
 
 
 @pytest.mark.parametrize("graph", ["standard", "fused"])
@@ -199,13 +205,19 @@ def test_a_bad_draft_is_refused_in_one_line_naming_what_differs(tiny_export, tmp
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "cannot propose" in result.output
 
 
+def aira_opt_cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own, as a user runs it: with a draft it puts ONNX Runtime on the process-wide
+    thread pool, which this test process must not get."""
+    return subprocess.run([sys.executable, "-m", "aira_opt", *args], capture_output=True, text=True, timeout=600)
+
+
 def test_the_cli_prints_the_same_answer_and_reports_the_acceptance(tiny_export, tiny_variants):
     question = "What is the capital of Brazil?"
-    plain = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--greedy", "--json", "-", question])
-    spec = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--greedy", "--json", "-",
-                                     "--speculative-draft", str(tiny_variants["int4"]), question])
-    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
-    plain_answer, spec_answer = json.loads(plain.output), json.loads(spec.output)
+    plain = aira_opt_cli("generate", "--onnx", str(tiny_export), "--greedy", "--json", "-", question)
+    spec = aira_opt_cli("generate", "--onnx", str(tiny_export), "--greedy", "--json", "-",
+                        "--speculative-draft", str(tiny_variants["int4"]), question)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    plain_answer, spec_answer = json.loads(plain.stdout), json.loads(spec.stdout)
     assert spec_answer["answers"] == plain_answer["answers"] and spec_answer["token_ids"] == plain_answer["token_ids"]
     assert plain_answer["speculation"] is None
     record = spec_answer["speculation"]
@@ -213,6 +225,17 @@ def test_the_cli_prints_the_same_answer_and_reports_the_acceptance(tiny_export, 
     streamed = CliRunner().invoke(main, ["generate", "--onnx", str(tiny_export), "--greedy", "--speculative", "ngram",
                                          question])
     assert streamed.exit_code == 0 and streamed.output.strip() == plain_answer["answers"][0]
+
+
+def test_a_draft_loaded_from_the_api_leaves_onnx_runtime_as_it_was(tiny_export, tiny_variants):
+    """By default the draft runs on one thread of its own; the process-wide pool (which every later session of
+    the process would have to use) is only made when asked for."""
+    import onnxruntime as ort
+
+    with aira_opt.load(tiny_export, draft=tiny_variants["int4"]) as model:
+        assert model.draft.threads == 1 and not model.draft.shared_threads and not model.runner.shared_threads
+        model.generate("What is the capital of Brazil?", greedy=True)
+    ort.InferenceSession(str(tiny_export / "model.onnx"), ort.SessionOptions())  # a pool of its own still works
 
 
 def test_the_api_speculates_on_request_and_refuses_what_cannot_work(tiny_export, tiny_variants):
@@ -229,3 +252,36 @@ def test_the_api_speculates_on_request_and_refuses_what_cannot_work(tiny_export,
         assert "".join(pieces) == answer.answers[0] and answer.speculation["method"] == "draft"
         off = model.answer(question, greedy=True, speculative="off")
         assert off.speculation is None and off.token_ids == answer.token_ids
+
+
+def test_bench_adds_a_speculating_row_beside_each_export(tiny_export, tiny_variants):
+    report = aira_opt.bench("aira-tiny", onnx=[tiny_export], backends=["ort"], prompt_lengths=[16], new_tokens=12,
+                            warmup=0, repeats=2, draft=tiny_variants["int4"])
+    rows = {r["label"]: r for r in report["results"]}
+    assert set(rows) == {"ort fp32", "ort fp32 + draft int4"}
+    plain, drafted = rows["ort fp32"], rows["ort fp32 + draft int4"]
+    assert plain["acceptance_rate"] is None and 0 <= drafted["acceptance_rate"] <= 1
+    assert drafted["tokens_per_step"] >= 1 and drafted["decode_tokens_per_s"] > 0
+    assert drafted["decode_steps"] == plain["decode_steps"] == 11  # one timing per token, however many per step
+    with pytest.raises(DraftMismatchError):
+        aira_opt.bench("aira-tiny", onnx=[tiny_export], backends=["ort"], draft=_mismatched(tiny_export))
+
+
+def _mismatched(folder):
+    """A copy of `folder` whose config claims half the context (a draft that cannot reach as far)."""
+    import tempfile
+    from pathlib import Path
+
+    other = Path(tempfile.mkdtemp()) / "short"
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    config["max_position_embeddings"] //= 2
+    (other / "config.json").write_text(json.dumps(config))
+    return other
+
+
+def test_check_speculates_and_its_parity_holds(tiny_export):
+    report = aira_opt.check(tiny_export, speculative="ngram", num_speculative_tokens=3, max_new_tokens=16)
+    assert report["passed"] and report["speculation"]["method"] == "ngram" and report["speculation"]["exact"]
+    with pytest.raises(OptionError, match="needs a draft model"):
+        aira_opt.check(tiny_export, speculative="draft")

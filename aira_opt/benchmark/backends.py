@@ -24,6 +24,7 @@ from aira_opt.generation.sampling import GREEDY
 from aira_opt.generation.speculative import Speculation
 from aira_opt.precision.kernels import kernel_summary
 from aira_opt.precision.variants import variant_named_in
+from aira_opt.runners import check_draft
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.providers import PROVIDERS, session_options
 from aira_opt.runtime.pytorch import Timings, hf_generate_timings
@@ -204,7 +205,11 @@ class OrtRunner(LoopRunner):
         plain = jobs_on_exports(cls.name, sources)
         if not sources.speculative:
             return plain, []
-        how = "ngram" if sources.speculative == "ngram" else f"draft {ExportFolder(sources.draft_dir).manifest.label}"
+        how = "ngram"
+        if sources.draft_dir is not None:
+            how = f"draft {ExportFolder(sources.draft_dir).manifest.label}"
+            for job in plain:
+                check_draft(job.folder, sources.draft_dir)  # a draft that cannot propose is one line, before any run
         k = sources.num_speculative_tokens or 0
         return plain + [replace(job, label=f"{job.label} + {how}", speculative=sources.speculative,
                                 draft=str(sources.draft_dir or ""), num_speculative_tokens=k) for job in plain], []

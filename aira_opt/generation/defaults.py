@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from aira_opt.core.errors import AiraOptError
+from aira_opt.core.errors import AiraOptError, OptionError
 from aira_opt.generation.generator import GenerateOptions
 from aira_opt.generation.sampling import SamplingSettings
-from aira_opt.generation.speculative import Speculation
+from aira_opt.generation.speculative import DRAFT, Speculation
 from aira_opt.source.models import CARD_GENERATION_DEFAULTS
 
 DEFAULT_MAX_NEW_TOKENS = 256  # for a model whose generation config names none (transformers' own is a bare 20)
@@ -18,12 +18,11 @@ DEFAULT_MAX_NEW_TOKENS = 256  # for a model whose generation config names none (
 def generate_options(generation_config: dict[str, Any], greedy: bool = False, seed: int | None = None,
                      num_return_sequences: int = 1, max_new_tokens: int | None = None, temperature: float | None = None,
                      top_k: int | None = None, top_p: float | None = None,
-                     repetition_penalty: float | None = None, speculative: str | None = None,
-                     num_speculative_tokens: int | None = None) -> GenerateOptions:
+                     repetition_penalty: float | None = None,
+                     speculation: Speculation | None = None) -> GenerateOptions:
     """Options from a folder's generation_config.json (the source model's own defaults, written by the export),
     overridden by the user. What it leaves out takes transformers' defaults (no sampling processors, greedy); a
-    folder without one (made by hand) gets Aira's model-card defaults. speculative: "ngram" or "draft" (None: off);
-    num_speculative_tokens: the most proposed per step (default: the method's)."""
+    folder without one (made by hand) gets Aira's model-card defaults. speculation: see speculation_from."""
     defaults = generation_config or dict(CARD_GENERATION_DEFAULTS)
     neutral = {**asdict(SamplingSettings()), "max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
 
@@ -36,14 +35,27 @@ def generate_options(generation_config: dict[str, Any], greedy: bool = False, se
         repetition_penalty=float(pick(repetition_penalty, "repetition_penalty")),
     )
     problems = sampling.validate()
-    speculation = None
-    if speculative is not None:
-        speculation = Speculation(speculative, num_speculative_tokens)
-        problems += speculation.validate()
-    elif num_speculative_tokens is not None:
-        problems.append("num_speculative_tokens needs a speculative method (ngram, or a draft model)")
     if problems:
         raise AiraOptError("; ".join(problems))
     return GenerateOptions(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens")), sampling=sampling, seed=seed,
                            num_return_sequences=num_return_sequences, fit_context=max_new_tokens is None,
                            speculation=speculation)
+
+
+def speculation_from(speculative: str | None, num_speculative_tokens: int | None,
+                     draft_given: bool) -> Speculation | None:
+    """The one reading of the speculation options (CLI, API, check, bench): the method ("ngram", "draft" or "off";
+    None: "draft" when a draft model is given, else off) and the most tokens proposed per step. None: no
+    speculation. What does not fit together is one OptionError."""
+    method = speculative or (DRAFT if draft_given else None)
+    if method in (None, "off"):
+        if num_speculative_tokens is not None:
+            raise OptionError("num_speculative_tokens needs a speculative method (ngram, or a draft model)")
+        return None
+    if method == DRAFT and not draft_given:
+        raise OptionError("speculative 'draft' needs a draft model: load(folder, draft=DIR), or --speculative-draft DIR")
+    speculation = Speculation(method, num_speculative_tokens)
+    problems = speculation.validate()
+    if problems:
+        raise OptionError("; ".join(problems))
+    return speculation

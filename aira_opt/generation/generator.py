@@ -29,8 +29,7 @@ from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.core.errors import PromptTooLongError
 from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next_per_row
 from aira_opt.generation.speculative import (DRAFT, NGRAM, Acceptance, DraftProposer, Speculation, StepCosts,
-                                             draw, forward_chunk, ngram_proposal, repack, room, settle, summary,
-                                             verify)
+                                             draw, forward_chunk, ngram_proposal, settle, summary, verify)
 from aira_opt.runtime.protocol import Decoder, KVCache
 
 
@@ -128,13 +127,13 @@ class Generator:
         input_ids, mask = left_pad([r.prompt for r in rows], self.pad_id)  # [N, S]
         if self.active == 0:
             self.rows = rows
-            self.cache = self.model.empty_cache(len(rows), None if self.compact else capacity)
+            self.cache = self.model.empty_cache(len(rows), None if self.compact else _bound(self.model, rows, capacity))
             self.logits, self.cache = self._forward(input_ids, mask, self.prefill_seconds)
             self.mask, self.padded_prompt_length = mask, self.padded_prompt_length or input_ids.shape[1]
             if self.draft is not None and any(r.acceptance is not None and r.acceptance.speculation.method == DRAFT
                                               for r in rows):
                 # The draft reads the prompts now too: prompt processing, counted in the time to the first token.
-                self.drafter = DraftProposer(self.draft, self.pad_id, len(rows), capacity)
+                self.drafter = DraftProposer(self.draft, self.pad_id, len(rows), _bound(self.draft, rows, capacity))
                 self.prefill_seconds[-1] += self.drafter.catch_up([r.prompt for r in rows])[1]
             return
         if not self.compact:
@@ -174,7 +173,6 @@ class Generator:
             return ended
         proposals, probs, ks = self._propose()
         if not any(proposals):
-            self._fit(1)
             self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), dtype=np.int64)], axis=1)  # [B, T+1]
             self.logits, self.cache = self._forward(chosen[:, None], self.mask, self.decode_seconds)
             self.costs.record(1, self.decode_seconds[-1])
@@ -242,8 +240,7 @@ class Generator:
     def _verify(self, chosen: np.ndarray, proposals: list[list[int]], probs: list[np.ndarray | None],
                 ks: list[int]) -> list[Row]:
         """One target step over each row's token and its proposals; each row keeps the accepted ones."""
-        width = self._fit(1 + max(len(p) for p in proposals))
-        proposals = [p[:width - 1] for p in proposals]
+        width = 1 + max(len(p) for p in proposals)
         batch = len(self.rows)
         ids = np.full((batch, width), self.pad_id, dtype=np.int64)  # [B, 1 + K]: the token, then the proposals
         valid = np.zeros((batch, width), dtype=bool)
@@ -274,20 +271,6 @@ class Generator:
         if self.drafter is not None and any(ks):
             self.drafter.settle(accepted.tolist(), ks)
         return ended
-
-    def _fit(self, width: int) -> int:
-        """The widest step (up to `width` positions) the cache has room for; an in-place cache left without room
-        by holes is repacked on the host first."""
-        assert self.cache is not None
-        left = room(self.cache)
-        if left is None or left >= width:
-            return width
-        if left >= 1:
-            return left
-        if not supports_host_cache(self.model):
-            return width  # the runner's own capacity check says what is wrong
-        self.cache, self.mask = repack(self.model, self.cache, self.mask)
-        return width
 
     def acceptance(self) -> dict | None:
         """The speculation of this batch's rows so far (None when no row speculates)."""
@@ -431,6 +414,14 @@ def run_rows(model: Decoder, rows: Sequence[Row], stop_ids: int | Sequence[int],
                             decode_seconds=generator.decode_seconds,
                             padded_prompt_length=generator.padded_prompt_length, speculation=generator.acceptance(),
                             decode_step_tokens=generator.decode_tokens)
+
+
+def _bound(model: Decoder, rows: Sequence[Row], capacity: int | None) -> int | None:
+    """The capacity to make a cache with. A growing cache under speculation gets none: its rejected positions stay
+    as masked holes, so it may hold more than the plain loop's positions (an in-place cache rewinds instead)."""
+    if any(r.acceptance is not None for r in rows) and not model.in_place_cache:
+        return None
+    return capacity
 
 
 def _pad_left(array: np.ndarray, width: int, axis: int = 1) -> np.ndarray:

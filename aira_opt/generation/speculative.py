@@ -10,7 +10,9 @@ The output is the target's: greedy rows accept a proposal only where the target'
 sampling rows use rejection sampling (Leviathan et al. 2023, Chen et al. 2023), whose output distribution is the
 target's. Rejected positions leave the cache at once: an in-place cache has its length rewound past the columns
 no row keeps, and every other rejected column becomes a hole in the attention mask (never attended again; the
-position ids come from the mask's running sum). Rows of a batch keep their own accepted lengths that way.
+position ids come from the mask's running sum). Rows of a batch keep their own accepted lengths that way. A row
+never proposes past its budget, so an in-place cache (rewound; its fused graph verifies at batch 1 only) never
+needs more room than the plain loop; a growing cache's holes take room, so it is made without a bound.
 
 How many tokens to propose adapts per row: the expected tokens per verify step, (1 - a^(K+1)) / (1 - a) for a
 per-token acceptance a, over the step's measured cost against a plain step; K = 0 (no speculation) when nothing
@@ -20,7 +22,7 @@ pays, with a probe now and then so a row whose text turns repetitive gets specul
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -99,15 +101,23 @@ class StepCosts:
         old = self.draft_seconds
         self.draft_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
 
+    def plain(self) -> float | None:
+        """A plain step's seconds: measured, or (a row that always speculates) inferred from the narrowest step
+        measured with the prior's slope."""
+        if 1 in self.seconds or not self.seconds:
+            return self.seconds.get(1)
+        width = min(self.seconds)
+        return self.seconds[width] / (1 + PRIOR_STEP_SLOPE * (width - 1))
+
     def ratio(self, width: int) -> float:
         """A step over `width` positions in plain steps."""
-        plain = self.seconds.get(1)
+        plain = self.plain()
         if plain and width in self.seconds:
             return max(1.0, self.seconds[width] / plain)
         return 1 + PRIOR_STEP_SLOPE * (width - 1)
 
     def draft_ratio(self) -> float:
-        plain = self.seconds.get(1)
+        plain = self.plain()
         return self.draft_seconds / plain if plain and self.draft_seconds is not None else PRIOR_DRAFT_RATIO
 
 
@@ -136,20 +146,19 @@ class Acceptance:
         self._trials = 0.8 * self._trials + accepted + (1 if accepted < proposed else 0)
 
     def choose(self, costs: StepCosts, draft_cost: bool) -> int:
-        """How many tokens to propose now: the K that gives the most expected tokens per unit of cost."""
+        """How many tokens to propose now: the K that gives the most expected tokens per unit of cost. Where
+        several K come within a few percent of the best (the measured costs are noisy), the largest: a run of
+        accepted proposals pays off most there."""
         most = self.speculation.max_tokens
         if not self.speculation.adaptive:
             return most
         a = min(self.rate, 0.999)
         draft = costs.draft_ratio() if draft_cost else 0.0
-        best_k, best = 0, 1.0 / costs.ratio(1)
-        for k in range(1, most + 1):
-            gain = (1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft)
-            if gain > best * 1.02:  # a margin, so noise in the costs does not flip between K and 0
-                best_k, best = k, gain
-        if best_k == 0 and self.plain_steps >= PROBE_AFTER:
-            return 1
-        return best_k
+        gains = [1.0 / costs.ratio(1)] + [(1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft)
+                                          for k in range(1, most + 1)]  # expected tokens per plain step's cost
+        if max(gains[1:]) <= gains[0] * 1.02:  # speculation must pay by a margin, so noise does not flip to it
+            return 1 if self.plain_steps >= PROBE_AFTER else 0
+        return max(k for k, gain in enumerate(gains) if gain >= 0.97 * max(gains))
 
     def report(self) -> dict[str, float | int | str]:
         return {"method": self.speculation.method, "proposed": self.proposed, "accepted": self.accepted,
@@ -230,29 +239,8 @@ def settle(cache: KVCache, mask: np.ndarray, width: int, kept: np.ndarray) -> tu
         keep = int(max(kept)) if len(kept) else 0
         drop = width - keep
         if drop:
-            cache, mask = replace(cache, length=cache.length - drop), mask[:, :mask.shape[1] - drop]
+            cache, mask = cache.rewound(drop), mask[:, :mask.shape[1] - drop]
     return cache, mask
-
-
-def room(cache: KVCache) -> int | None:
-    """Positions a cache can still take (None: unbounded)."""
-    return None if cache.capacity is None else cache.capacity - cache.length
-
-
-def repack(model: Decoder, cache: KVCache, mask: np.ndarray) -> tuple[KVCache, np.ndarray]:
-    """Holes squeezed out on the host: each row's attended positions, right-aligned and left-padded, in a growing
-    cache (when holes from rows accepting different lengths leave an in-place cache no room)."""
-    arrays = model.cache_to_host(cache)  # type: ignore[attr-defined]  # each [B, kv, T, D]
-    counts = mask.sum(axis=1)
-    width = int(counts.max())
-    packed_mask = np.zeros((mask.shape[0], width), dtype=np.int64)
-    packed = [np.zeros((a.shape[0], a.shape[1], width, a.shape[3]), dtype=a.dtype) for a in arrays]
-    for i in range(mask.shape[0]):
-        columns = np.flatnonzero(mask[i])
-        packed_mask[i, width - columns.size:] = 1
-        for a, p in zip(arrays, packed):
-            p[i, :, width - columns.size:] = a[i, :, columns].transpose(1, 0, 2)
-    return model.cache_from_host(packed), packed_mask  # type: ignore[attr-defined]
 
 
 # The draft model --------------------------------------------------------------------------------------------
@@ -269,10 +257,10 @@ class DraftProposer:
         self.proposed_width = 0  # draft positions written for the last proposals (settled after verification)
         self.seconds: list[float] = []
 
-    def catch_up(self, histories: Sequence[list[int]], extra: int = 0) -> tuple[np.ndarray, float]:
+    def catch_up(self, histories: Sequence[list[int]]) -> tuple[np.ndarray, float]:
         """Feed the draft what it has not seen of each row's history (prompt and tokens), as one chunk: the
         prompts' prefill at first, then the token the target chose (and the last proposal, when all were kept).
-        extra: positions that will follow (room to keep). Returns the last logits [B, V] and the seconds."""
+        Returns the last logits [B, V] and the seconds."""
         batch = len(histories)
         pending = [h[f:] for h, f in zip(histories, self.fed)]
         width = max(1, max(len(p) for p in pending))
@@ -281,7 +269,6 @@ class DraftProposer:
         for i, p in enumerate(pending):
             if p:
                 ids[i, width - len(p):], valid[i, width - len(p):] = p, True
-        self._fit(width + extra)
         logits, self.cache, self.mask, seconds = forward_chunk(self.model, self.cache, self.mask, ids, valid, False)
         self.fed = [len(h) for h in histories]
         return logits, seconds
@@ -291,7 +278,7 @@ class DraftProposer:
         """Row i's history (prompt and tokens) and how many tokens to propose -> the proposals and, for sampling
         rows, the [K, V] distributions they were drawn from."""
         batch, most = len(histories), max(ks)
-        logits, seconds = self.catch_up(histories, most - 1)
+        logits, seconds = self.catch_up(histories)
         proposals: list[list[int]] = [[] for _ in histories]
         probs: list[list[np.ndarray]] = [[] for _ in histories]
         for j in range(most):
@@ -324,8 +311,3 @@ class DraftProposer:
             self.cache, self.mask = settle(self.cache, self.mask, self.proposed_width, kept)
         self.fed = [f + int(k) for f, k in zip(self.fed, kept)]
         self.proposed_width = 0
-
-    def _fit(self, width: int) -> None:
-        left = room(self.cache)
-        if left is not None and left < width:
-            self.cache, self.mask = repack(self.model, self.cache, self.mask)

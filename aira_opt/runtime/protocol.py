@@ -43,6 +43,13 @@ class KVCache:
             raise CacheCapacityError(f"KV cache capacity {self.capacity} exceeded: {self.length} positions held, "
                                      f"{new_tokens} more asked for")
 
+    def rewound(self, dropped: int) -> KVCache:
+        """The cache without its last `dropped` positions (proposals the target rejected): an in-place cache's
+        graph writes over them at the next step. A growing cache cannot shrink in place; its caller masks them."""
+        if not self.in_place:
+            raise ValueError("only an in-place cache rewinds")
+        return replace(self, length=self.length - dropped)
+
     def advanced(self, presents: list[Any], new_tokens: int) -> KVCache:
         """The cache after a step: the same buffers when written in place, else the step's present tensors."""
         return replace(self, values=self.values if self.in_place else list(presents),
