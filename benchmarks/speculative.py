@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--sweep", default="1,2,3,4,6,8", help="K values of the sweep (fixed K)")
     parser.add_argument("--sweep-prompts", type=int, default=10)
     parser.add_argument("--cost-model", type=Path, nargs="*", default=[])
+    parser.add_argument("--only", nargs="*", default=[],
+                        help="run only the rows whose label contains one of these (and their plain baselines)")
     parser.add_argument("--out", type=Path, required=True, help="path prefix: writes .json, .md, .png")
     args = parser.parse_args()
 
@@ -226,6 +228,10 @@ def main() -> None:
                      ("llama.cpp Q4_0 + prompt lookup", "llama.cpp", "llama.cpp Q4_0",
                       llama_run(q4, args.threads, stops, LlamaPromptLookupDecoding(max_ngram_size=3,
                                                                                   num_pred_tokens=args.k_ngram)))]
+        if args.only:
+            wanted = [row for row in rows if any(o in row[0] for o in args.only)]
+            baselines = {row[2] for row in wanted}
+            rows = [row for row in rows if row in wanted or row[0] in baselines]
         outputs: dict[tuple[str, str], list[list[int]]] = {}
         for name in ("grounded", "open"):
             for label, family, baseline, run in rows:
@@ -252,9 +258,10 @@ def main() -> None:
                 print(f"{name:8s} {label:36s} {results[-1]['decode_tokens_per_s']:8.2f} tok/s  "
                       f"x{results[-1]['speedup']:.2f}  identical {results[-1]['identical']}/{len(timed)}", flush=True)
         grounded = ids["grounded"][:args.sweep_prompts]
-        plain_rate = rate([ours(target, "off", None)(p, args.max_new_tokens)[:2] for p in grounded])
+        plain_rate = rate([ours(target, "off", None)(p, args.max_new_tokens)[:2] for p in grounded]) if args.sweep \
+            else float("nan")
         for method, model in (("draft", target), ("ngram", target)):
-            for k in [int(v) for v in args.sweep.split(",")]:
+            for k in [int(v) for v in args.sweep.split(",") if v]:
                 runs = [ours(model, method, k, adaptive=False)(p, args.max_new_tokens) for p in grounded]
                 speed = rate([r[:2] for r in runs])
                 sweep.append({"method": method, "k": k, "decode_tokens_per_s": round(speed, 3),

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import aira_opt
 from aira_opt.cli import main
 from aira_opt.source.models import GGUF_INSTALL
 
@@ -132,3 +133,21 @@ def test_check_holds_with_the_int4_draft(smol_exports, tmp_path):
     assert result.returncode == 0 and "PASSED" in result.stdout + result.stderr, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and report["speculation"]["proposed"] > 0 and report["speculation"]["exact"]
+
+
+def test_the_in_place_cache_rewinds_to_the_same_greedy_text(smol_exports):
+    """The fused fp32 graph writes its cache in place: rejected proposals are rewound, and the text is the plain
+    loop's, with prompt lookup and with the int4 draft."""
+    fused = smol_exports["fp32"].parent / "fp32-fused"
+    if not fused.exists():
+        result = CliRunner().invoke(main, ["export", "--model", "smollm2-135m", "--precision", "fp32", "--fuse",
+                                           "--output", str(fused)])
+        assert result.exit_code == 0, result.output
+    with aira_opt.load(fused, draft=smol_exports["int4"]) as model:
+        assert model.runner.in_place_cache
+        for prompt in SPECULATION_PROMPTS:
+            plain = model.answer(prompt, greedy=True, max_new_tokens=48, speculative="off")
+            for method in ("ngram", "draft"):
+                answer = model.answer(prompt, greedy=True, max_new_tokens=48, speculative=method)
+                assert answer.token_ids == plain.token_ids, (method, prompt)
+                assert answer.speculation["exact"]

@@ -82,7 +82,9 @@ def ngram_proposal(history: Sequence[int], k: int, max_ngram: int = 3, min_ngram
 # Cost and acceptance ----------------------------------------------------------------------------------------
 PRIOR_STEP_SLOPE = 0.1  # a step over w positions costs 1 + slope * (w - 1) plain steps until measured
 PRIOR_DRAFT_RATIO = 0.25  # a draft step's cost in target steps until measured
-PROBE_AFTER = 8  # plain steps before a row that stopped speculating tries one proposal again
+# Plain steps before a row that stopped speculating tries one proposal again: a draft's probe costs a catch-up of
+# every token since its last proposal, prompt lookup's only a verify step.
+PROBE_AFTER = {NGRAM: 8, DRAFT: 32}
 
 
 @dataclass
@@ -152,13 +154,18 @@ class Acceptance:
         most = self.speculation.max_tokens
         if not self.speculation.adaptive:
             return most
-        a = min(self.rate, 0.999)
         draft = costs.draft_ratio() if draft_cost else 0.0
-        gains = [1.0 / costs.ratio(1)] + [(1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft)
-                                          for k in range(1, most + 1)]  # expected tokens per plain step's cost
-        if max(gains[1:]) <= gains[0] * 1.02:  # speculation must pay by a margin, so noise does not flip to it
-            return 1 if self.plain_steps >= PROBE_AFTER else 0
-        return max(k for k, gain in enumerate(gains) if gain >= 0.97 * max(gains))
+
+        def gains(a: float) -> list[float]:  # expected tokens per plain step's cost, for K = 0 .. most
+            return [1.0 / costs.ratio(1)] + [(1 - a ** (k + 1)) / (1 - a) / (costs.ratio(k + 1) + k * draft)
+                                             for k in range(1, most + 1)]
+
+        expected = gains(min(self.rate, 0.999))
+        if max(expected[1:]) <= expected[0] * 1.02:  # speculation must pay by a margin, so noise does not flip to it
+            certain = gains(0.999)  # were every proposal accepted: if even that does not pay, never probe
+            probe = self.plain_steps >= PROBE_AFTER[self.speculation.method] and max(certain[1:]) > certain[0] * 1.02
+            return 1 if probe else 0
+        return max(k for k, gain in enumerate(expected) if gain >= 0.97 * max(expected))
 
     def report(self) -> dict[str, float | int | str]:
         return {"method": self.speculation.method, "proposed": self.proposed, "accepted": self.accepted,
