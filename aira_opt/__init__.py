@@ -15,8 +15,8 @@ from typing import Any
 
 from aira_opt._version import __version__
 
-__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect", "Model",
-           "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
+__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect",
+           "Model", "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 _API = set(__all__) - {"__version__"}
 

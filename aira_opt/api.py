@@ -38,8 +38,8 @@ from aira_opt.runners import check_draft, open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.prompts import decode_answer, prompt_ids
 
-__all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect", "Model", "Answer",
-           "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
+__all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect", "Model",
+           "Answer", "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 FolderLike = str | Path | ExportFolder | EngineFolder
 

@@ -52,7 +52,6 @@ threads_option = click.option("--threads", type=click.IntRange(min=1), default=N
                               help="ONNX Runtime intra-op threads (default: all cores).")
 
 
-
 def speculation_options(command: Any) -> Any:
     """--speculative, --speculative-draft and --num-speculative-tokens, the same wherever tokens are decoded."""
     for option in reversed([
@@ -65,7 +64,8 @@ def speculation_options(command: Any) -> Any:
                      help="An export with the same tokenizer that proposes tokens (the int4 export of the same "
                           "model, say)."),
         click.option("--num-speculative-tokens", type=click.IntRange(1, MAX_TOKENS), default=None,
-                     help="The most tokens proposed per step; fewer, or none, while few are accepted [default: 6 for ngram, 4 for a draft]."),
+                     help="The most tokens proposed per step; fewer, or none, while few are accepted "
+                          "[default: 6 for ngram, 4 for a draft]."),
     ]):
         command = option(command)
     return command

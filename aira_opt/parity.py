@@ -105,7 +105,8 @@ def teacher_forced_logits(decoder: Decoder, prompt: list[int], forced: list[int]
 
 
 def greedy_tokens(decoder: Decoder, ids: list[int], max_new_tokens: int, fmt: PromptFormat,
-                  speculation: Speculation | None = None, draft: Decoder | None = None) -> tuple[list[int], dict | None]:
+                  speculation: Speculation | None = None,
+                  draft: Decoder | None = None) -> tuple[list[int], dict | None]:
     """Our generator's greedy answer to one prompt, and its speculation record (None without)."""
     options = GenerateOptions(max_new_tokens=max_new_tokens, sampling=GREEDY, speculation=speculation)
     result = generate(decoder, [ids], options, fmt.stop_ids, fmt.pad_id, draft=draft)

@@ -53,7 +53,8 @@ def speculation_from(speculative: str | None, num_speculative_tokens: int | None
             raise OptionError("num_speculative_tokens needs a speculative method (ngram, or a draft model)")
         return None
     if method == DRAFT and not draft_given:
-        raise OptionError("speculative 'draft' needs a draft model: load(folder, draft=DIR), or --speculative-draft DIR")
+        raise OptionError("speculative 'draft' needs a draft model: load(folder, draft=DIR), or "
+                          "--speculative-draft DIR")
     speculation = Speculation(method, num_speculative_tokens)
     problems = speculation.validate()
     if problems:
