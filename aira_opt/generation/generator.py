@@ -27,9 +27,9 @@ import numpy as np
 
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.core.errors import PromptTooLongError
-from aira_opt.generation.sampling import GREEDY, SamplingSettings, select_next_per_row
+from aira_opt.generation.sampling import GREEDY, SamplingSettings, draw, select_next_per_row
 from aira_opt.generation.speculative import (DRAFT, NGRAM, Acceptance, DraftProposer, Speculation, StepCosts,
-                                             draw, forward_chunk, ngram_proposal, settle, summary, verify)
+                                             forward_chunk, ngram_proposal, settle, summary, verify)
 from aira_opt.runtime.protocol import Decoder, KVCache
 
 

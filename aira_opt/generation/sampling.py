@@ -125,10 +125,13 @@ def select_next_per_row(scores: np.ndarray, history: np.ndarray, settings: Seque
         if not group.do_sample:
             chosen[rows] = np.argmax(processed, axis=-1)
             continue
-        probs = softmax(processed)
-        # Inverse-CDF draw: one uniform per row from its seeded generator, so a seed repeats exactly.
-        cdf = np.cumsum(probs, axis=-1)  # [G, V]
-        uniforms = np.array([[rngs[r].random()] for r in rows])  # [G, 1]
-        u = uniforms * cdf[:, -1:]  # scaled by the total, which rounding leaves near 1
-        chosen[rows] = np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1)
+        probs = softmax(processed)  # [G, V]
+        chosen[rows] = [draw(row_probs, rngs[r]) for row_probs, r in zip(probs, rows)]
     return chosen
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from a distribution [V]: an inverse-CDF draw of one uniform from the row's seeded generator (so
+    a seed repeats exactly), scaled by the total, which rounding leaves near 1."""
+    cdf = np.cumsum(probs)
+    return int(min((cdf < rng.random() * cdf[-1]).sum(), probs.size - 1))

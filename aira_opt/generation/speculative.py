@@ -28,7 +28,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from aira_opt.core.contract import position_ids_from_mask
-from aira_opt.generation.sampling import SamplingSettings, process, softmax
+from aira_opt.generation.sampling import SamplingSettings, draw, process, softmax
 from aira_opt.runtime.protocol import Decoder, KVCache
 
 NGRAM, DRAFT = "ngram", "draft"
@@ -216,12 +216,6 @@ def verify(logits: np.ndarray, history: list[int], proposal: Sequence[int], sett
         total = residual.sum()
         return j, (residual / total if total > 0 else p)
     return len(proposal), None
-
-
-def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """One token from a distribution [V], by the inverse CDF (as sampling.select_next_per_row draws)."""
-    cdf = np.cumsum(probs)
-    return int(min((cdf < rng.random() * cdf[-1]).sum(), probs.size - 1))
 
 
 # The cache across a chunk with holes -----------------------------------------------------------------------
