@@ -297,7 +297,8 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    bars = [r for r in report["results"] if r["label"] != r["baseline"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, max(4.8, 0.32 * len(bars) + 1.5)))
     for method in ("draft", "ngram"):
         points = [r for r in report["sweep"] if r["method"] == method]
         left.plot([p["k"] for p in points], [p["speedup"] for p in points], marker="o",
@@ -306,15 +307,13 @@ def plot(report: dict, path: Path) -> None:
     left.set(xlabel="K (proposed tokens per verify step)", ylabel="decode speedup over the plain loop",
              title="grounded prompts: speedup against K")
     left.legend()
-    labels = [f"{r['label']}\n({r['set']})" for r in report["results"] if r["label"] != r["baseline"]]
-    speedups = [r["speedup"] for r in report["results"] if r["label"] != r["baseline"]]
-    colors = ["tab:blue" if r["family"] == "ours" else "tab:orange" for r in report["results"]
-              if r["label"] != r["baseline"]]
-    right.barh(labels, speedups, color=colors)
+    labels = [f"{r['label']} [{r['set']}]" for r in bars]
+    colors = ["tab:blue" if r["family"] == "ours" else "tab:orange" for r in bars]
+    right.barh(labels, [r["speedup"] for r in bars], color=colors)
     right.axvline(1.0, color="grey", lw=0.8)
     right.set(xlabel="decode speedup over the same backend's plain greedy loop",
               title="ours (blue) and the peers (orange)")
-    right.tick_params(axis="y", labelsize=7)
+    right.tick_params(axis="y", labelsize=8)
     fig.suptitle(f"Speculative decoding, greedy, batch 1: {report['machine'].get('cpu', '')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
