@@ -218,13 +218,11 @@ class Generator:
             if speculation.method == DRAFT and not drafts:
                 continue
             k = min(row.acceptance.choose(self.costs, speculation.method == DRAFT), row.budget_left)
-            if k <= 0:
-                row.acceptance.plain_steps += 1
-            elif speculation.method == NGRAM:
+            if k > 0 and speculation.method == NGRAM:
                 proposals[i] = ngram_proposal(row.history, k, speculation.max_ngram, speculation.min_ngram)
-                row.acceptance.plain_steps = 0 if proposals[i] else row.acceptance.plain_steps + 1
-            else:
+            elif k > 0:
                 ks[i] = k
+            row.acceptance.plain_steps = 0 if proposals[i] or ks[i] else row.acceptance.plain_steps + 1
         if any(ks):
             assert self.drafter is not None
             drafted, drafted_probs = self.drafter.propose([r.history for r in self.rows], ks,
@@ -234,7 +232,6 @@ class Generator:
             for i, k in enumerate(ks):
                 if k:
                     proposals[i], probs[i] = drafted[i], drafted_probs[i]
-                    self.rows[i].acceptance.plain_steps = 0  # type: ignore[union-attr]
         return proposals, probs, ks
 
     def _verify(self, chosen: np.ndarray, proposals: list[list[int]], probs: list[np.ndarray | None],
@@ -272,7 +269,7 @@ class Generator:
             self.drafter.settle(accepted.tolist(), ks)
         return ended
 
-    def acceptance(self) -> dict | None:
+    def speculation_summary(self) -> dict | None:
         """The speculation of this batch's rows so far (None when no row speculates)."""
         records = [r.acceptance for r in self.rows if r.acceptance is not None]
         if not records:
@@ -412,7 +409,7 @@ def run_rows(model: Decoder, rows: Sequence[Row], stop_ids: int | Sequence[int],
     return GenerationResult(prompts=[list(r.prompt) for r in rows], tokens=[list(r.tokens) for r in rows],
                             finished=[r.ended == STOP for r in rows], prefill_seconds=sum(generator.prefill_seconds),
                             decode_seconds=generator.decode_seconds,
-                            padded_prompt_length=generator.padded_prompt_length, speculation=generator.acceptance(),
+                            padded_prompt_length=generator.padded_prompt_length, speculation=generator.speculation_summary(),
                             decode_step_tokens=generator.decode_tokens)
 
 
