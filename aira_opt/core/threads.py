@@ -12,10 +12,6 @@ from typing import Any
 _shared_pool: int | None = None  # the shared pool's size, once it exists
 
 
-def shared_pool_size() -> int | None:
-    return _shared_pool
-
-
 def make_shared_pool(threads: int | None) -> None:
     """Create the process's shared pool (once; later calls keep the first size)."""
     global _shared_pool

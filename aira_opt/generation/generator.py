@@ -121,8 +121,8 @@ class Generator:
         rows = list(rows)
         if not rows:
             return
-        if any(r.options.speculation is not None and r.options.speculation.method == DRAFT for r in rows) \
-                and self.draft is None:
+        drafting = any(r.acceptance is not None and r.acceptance.speculation.method == DRAFT for r in rows)
+        if drafting and self.draft is None:
             raise ValueError("a row asks for a draft model's proposals and this generator has none")
         input_ids, mask = left_pad([r.prompt for r in rows], self.pad_id)  # [N, S]
         if self.active == 0:
@@ -130,8 +130,7 @@ class Generator:
             self.cache = self.model.empty_cache(len(rows), None if self.compact else _bound(self.model, rows, capacity))
             self.logits, self.cache = self._forward(input_ids, mask, self.prefill_seconds)
             self.mask, self.padded_prompt_length = mask, self.padded_prompt_length or input_ids.shape[1]
-            if self.draft is not None and any(r.acceptance is not None and r.acceptance.speculation.method == DRAFT
-                                              for r in rows):
+            if drafting:
                 # The draft reads the prompts now too: prompt processing, counted in the time to the first token.
                 self.drafter = DraftProposer(self.draft, self.pad_id, len(rows), _bound(self.draft, rows, capacity))
                 self.prefill_seconds[-1] += self.drafter.catch_up([r.prompt for r in rows])[1]
