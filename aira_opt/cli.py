@@ -34,6 +34,8 @@ from aira_opt.serve.server import LOCAL_HOST, Ports, serve_folder
 from aira_opt.source.models import spec_name
 from aira_opt.tensorrt.build_plan import TARGETS, BuildOptions, describe_plan, make_plan
 from aira_opt.tensorrt.engines import build_engine
+from aira_opt.web.layout import web_models
+from aira_opt.web.server import open_server
 
 model_option = click.option("--model", "model_spec", default="aira-tiny", show_default=True, metavar="SPEC",
                             help="aira-tiny (bundled), aira-2-1b1-random, smollm2-135m, a local folder, a .gguf file, or a hub id.")
@@ -439,6 +441,35 @@ def serve_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | None, 
     options = ServingOptions(max_batch_size, queue_delay_us, instances, provider, threads)
     serve_folder(folder, name, options, Ports(http_port, grpc_port, metrics_port),
                  lambda line: click.echo(line, err=False), tritonserver, log_path, host=host)
+
+
+@main.command("web")
+@click.option("--onnx", "onnx_dirs", required=True, multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An export folder; repeat it to offer several (fp32 and int4, say) in the page's menu.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port.")
+@click.option("--host", default=LOCAL_HOST, show_default=True,
+              help="The address to listen on: this machine only by default.")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="WebAssembly threads; above 1 the page is served cross-origin isolated (COOP/COEP), which "
+                   "multi-threaded WebAssembly needs.")
+@click.option("--save", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Instead of serving, write the one export's transformers.js layout here (onnx/model{suffix}.onnx, "
+                   "config.json with transformers.js_config; weights hard-linked) and exit.")
+@click.option("--force", is_flag=True, help="With --save: replace an existing folder.")
+def web_cmd(onnx_dirs: tuple[Path, ...], port: int, host: str, threads: int, save: Path | None, force: bool) -> None:
+    """Serve a chat page that runs the export in the browser (onnxruntime-web and transformers.js), from localhost."""
+    folders = [ExportFolder(path) for path in onnx_dirs]
+    if save is not None:
+        if len(folders) != 1:
+            raise click.UsageError("--save writes one export: pass one --onnx")
+        model = next(iter(web_models(folders).values()))
+        model.save(save, force)
+        click.echo(f"wrote {save} ({model.graph_name}, transformers.js dtype '{model.dtype}')")
+        return
+    server = open_server(folders, host, port, threads, print_progress)
+    click.echo(f"serving {len(folders)} model{'s' if len(folders) > 1 else ''} at {server.url}  (Ctrl-C stops)")
+    server.serve_forever()
 
 
 # inspect -----------------------------------------------------------------------------------------------

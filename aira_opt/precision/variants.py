@@ -65,6 +65,7 @@ class Variant:
     kernel_candidates: tuple[str, ...] = ()  # kernels.py times these at export and keeps the fastest; () none
     dtype: str = "float32"  # activations and KV cache of the graph (numpy's name)
     cuda: bool = False  # made for a GPU: onnxruntime-genai's config asks for its CUDA provider
+    web_dtype: str | None = None  # transformers.js's dtype for this graph (onnx/model{suffix}.onnx); None: not web
 
     @property
     def kernel_tuning(self) -> bool:
@@ -117,24 +118,25 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp32", "any ONNX runtime; standard ops (fused on request: ONNX Runtime CPU)", as_exported,
             Tolerance(atol=1e-3),
             Thresholds(min_greedy_fraction=1.0, min_top1=1.0, max_abs_logit_diff=1e-3),
-            fusable=True, tensorrt=True, enforce_on_random_weights=True),
+            fusable=True, tensorrt=True, enforce_on_random_weights=True, web_dtype="fp32"),
     Variant("fp16", TENSORRT_OR_CUDA, fp16_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS, tensorrt=True,
-            dtype="float16", cuda=True),
+            dtype="float16", cuda=True, web_dtype="fp16"),
     # Random-token probes leave the calibrated activation ranges (clipped), and on real weights one clipped outlier
     # decides their minimum, which moves with the machine (docs/precision.md): a looser sanity bar that still
     # refuses a collapsed graph. `check` judges the variant on real text with INT8_THRESHOLDS, unchanged.
     Variant("int8-qdq", "TensorRT 11 explicit quantization; standard ops", qdq_recipe, Tolerance(min_cosine=0.93),
-            INT8_THRESHOLDS, tensorrt=True),
+            INT8_THRESHOLDS, tensorrt=True, web_dtype="int8"),
     # int8: MatMulNBits 8-bit or dynamic int8 (MatMulInteger), whichever times faster on the exporting machine
     # (kernels.py); both are measured in benchmarks/README.md.
     Variant("int8", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.98), INT8_THRESHOLDS,
             weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=False, accuracy_level=4),
-            fusable=True, fused_by_default=True, kernel_candidates=("matmulnbits", "matmulnbits-fp32", "dynamic")),
+            fusable=True, fused_by_default=True, kernel_candidates=("matmulnbits", "matmulnbits-fp32", "dynamic"),
+            web_dtype="q8"),
     # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound. Weights
     # already on a 4-bit grid (a GGUF source) keep it exactly (source_grid.py).
     Variant("int4", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.95), INT4_THRESHOLDS,
             weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True,
-            kernel_candidates=("matmulnbits", "matmulnbits-fp32")),
+            kernel_candidates=("matmulnbits", "matmulnbits-fp32"), web_dtype="q4"),
     # The fused fp16 graph for ONNX Runtime CUDA (GroupQueryAttention is fp16 there) and its int4 (cuda.py).
     Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS,
             fusable=True, fused_by_default=True, dtype="float16", cuda=True),
@@ -158,6 +160,11 @@ def weight_only_names() -> list[str]:
 
 def tensorrt_names() -> list[str]:
     return [v.name for v in VARIANTS.values() if v.tensorrt]
+
+
+def web_names() -> list[str]:
+    """Variants a web page can load (transformers.js names their files)."""
+    return [v.name for v in VARIANTS.values() if v.web_dtype]
 
 
 def variant(name: str) -> Variant:
