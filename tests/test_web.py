@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -248,17 +249,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def readme_web_commands() -> tuple[list[str], list[str]]:
+    """The README's `aira-opt export ... && aira-opt web ...` line, as two argument lists."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(row for row in readme.splitlines() if row.startswith("aira-opt export --model aira-tiny && aira-opt web"))
+    export, web = (shlex.split(part) for part in line.split("#")[0].split(" && "))
+    return export, web
+
+
 @pytest.mark.slow
-def test_readme_web_command_serves_a_page_that_answers_in_chromium(tiny_export, chromium, tmp_path):
-    """`aira-opt web --onnx DIR --threads 2` as the README runs it; a visitor types the question and clicks Send;
-    multi-threaded WebAssembly is on (cross-origin isolated) and nothing loads from off this machine."""
+def test_readme_web_command_serves_a_page_that_answers_in_chromium(chromium, tmp_path):
+    """The README's two commands as written (in an empty folder; only a free port added): a visitor types the
+    question and clicks Send; multi-threaded WebAssembly is on (cross-origin isolated) and nothing loads from
+    off this machine."""
     from aira_opt.web.browser import open_page, screenshot
 
     browser_ready()
+    export, web = readme_web_commands()
+    assert export[:1] == web[:1] == ["aira-opt"] and "--threads" in web
+    made = subprocess.run([sys.executable, "-m", "aira_opt", *export[1:]], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "aira_opt", "web", "--onnx", str(tiny_export), "--port",
-                                str(port), "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "-m", "aira_opt", *web[1:], "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = process.stdout.readline()
         assert re.search(rf"serving 1 model at http://127.0.0.1:{port}/", line), line

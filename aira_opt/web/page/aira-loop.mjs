@@ -148,6 +148,7 @@ export function seededRandom(seed) {
  * argmax, or temperature -> top-k (ties with the k-th stay) -> top-p (the smallest set whose probability
  * exceeds top_p, at least one token) -> a draw. */
 export function selectNext(logits, history, settings, random) {
+  if (!settings.doSample && settings.repetitionPenalty === 1) return argmax(logits);
   const scores = Float32Array.from(logits);
   if (settings.repetitionPenalty !== 1) {
     for (const id of new Set(history)) {
@@ -212,10 +213,12 @@ function lowerBound(sorted, v) {
 // ---- The loop ---------------------------------------------------------------------------------------------
 
 const int64 = (ort, values, dims) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), dims);
+const ones = (ort, n) => new ort.Tensor("int64", new BigInt64Array(n).fill(1n), [1, n]);
 
 /** Generate from prompt ids, one token at a time: prefill the prompt, then decode one position per step until a
- * stop id or `maxNewTokens`. Yields {token, seconds} (seconds since the start, so the first is time to first
- * token). `ignoreStop` keeps going past stop ids (for timing a fixed number of tokens). */
+ * stop id or `maxNewTokens`. Yields {token, seconds, runSeconds}: seconds since the start (the first is the time
+ * to the first token), and how many of them were spent inside ONNX Runtime (the rest is this loop's own work).
+ * `ignoreStop` keeps going past stop ids (for timing a fixed number of tokens). */
 export async function* generate({ ort, session, shapes, promptIds: prompt, settings, maxNewTokens, stopIds,
                                   seed = 0, kvType = "float32", ignoreStop = false, now = () => performance.now() }) {
   const start = now();
@@ -223,21 +226,24 @@ export async function* generate({ ort, session, shapes, promptIds: prompt, setti
   const random = seededRandom(seed);
   const history = [...prompt];
   let stepIds = prompt;
+  let runSeconds = 0;
   for (let step = 0; step < maxNewTokens; step++) {
     const total = cache.length + stepIds.length;
     // input_ids, position_ids: [1, S]; attention_mask: [1, past + S]
     const feeds = {
       input_ids: int64(ort, stepIds, [1, stepIds.length]),
-      attention_mask: int64(ort, new Array(total).fill(1), [1, total]),
+      attention_mask: ones(ort, total),
       position_ids: int64(ort, stepIds.map((_, i) => cache.length + i), [1, stepIds.length]),
       ...cache.tensors,
     };
+    const before = now();
     const outputs = await session.run(feeds);
+    runSeconds += (now() - before) / 1000;
     const [, seq, vocab] = outputs.logits.dims; // logits: [1, S, V] -> the last position's [V]
     const token = selectNext(outputs.logits.data.subarray((seq - 1) * vocab, seq * vocab), history, settings, random);
     cache.update(outputs, stepIds.length);
     history.push(token);
-    yield { token, seconds: (now() - start) / 1000 };
+    yield { token, seconds: (now() - start) / 1000, runSeconds };
     if (!ignoreStop && stopIds.includes(token)) return;
     stepIds = [token];
   }

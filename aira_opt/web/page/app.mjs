@@ -19,35 +19,55 @@ const threads = Number(params.get("threads") ?? index.threads);
 ort.env.wasm.wasmPaths = new URL("/vendor/onnxruntime-web/dist/", location.href).href;
 ort.env.wasm.numThreads = threads;
 
+/** A file's bytes, reporting (file, loaded bytes, total bytes) as they arrive. */
+async function download(url, onProgress) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status} ${response.statusText}`);
+  const total = Number(response.headers.get("Content-Length"));
+  if (!(total > 0) || !response.body) return new Uint8Array(await response.arrayBuffer());
+  const bytes = new Uint8Array(total);
+  const reader = response.body.getReader();
+  for (let loaded = 0; ;) {
+    const { done, value } = await reader.read();
+    if (done) return bytes;
+    bytes.set(value, loaded);
+    loaded += value.length;
+    onProgress(url.split("/").slice(3).join("/"), loaded, total);
+  }
+}
+
 /** A model opened in one runtime: `run(ids, options, onToken)` generates and reports each token as it comes. */
-async function openAiraLoop(model, tokenizer, description) {
+async function openAiraLoop(model, tokenizer, description, onProgress) {
   const base = `/models/${model.name}/`;
-  const options = { executionProviders: ["wasm"] };
+  const options = { executionProviders: ["wasm"], logSeverityLevel: 3 }; // errors only, as transformers.js
   if (model.external_data) {
     const data = `${model.graph}_data`;
-    options.externalData = [{ path: data.split("/").pop(), data: base + data }];
+    options.externalData = [{ path: data.split("/").pop(), data: await download(base + data, onProgress) }];
   }
-  const session = await ort.InferenceSession.create(base + model.graph, options);
+  const session = await ort.InferenceSession.create(await download(base + model.graph, onProgress), options);
   const kvType = session.inputMetadata?.find?.((m) => m.name === "past_key_values.0.key")?.type ?? "float32";
   return {
     async run(ids, { settings, maxNewTokens, ignoreStop, seed }, onToken) {
-      for await (const { token, seconds } of generate({
+      for await (const { token, seconds, runSeconds } of generate({
         ort, session, shapes: description, promptIds: ids, settings, maxNewTokens, ignoreStop, seed, kvType,
         stopIds: description.format.stop_ids,
       })) {
-        onToken(token, seconds);
+        onToken(token, seconds, runSeconds);
       }
     },
   };
 }
 
-async function openTransformersJs(model) {
+async function openTransformersJs(model, tokenizer, description, onProgress) {
   const transformers = await import("@huggingface/transformers");
   Object.assign(transformers.env, {
     allowRemoteModels: false, allowLocalModels: true, useBrowserCache: false,
     localModelPath: new URL("/models/", location.href).href,
   });
-  const generator = await transformers.pipeline("text-generation", model.name, { dtype: model.dtype, device: "wasm" });
+  const generator = await transformers.pipeline("text-generation", model.name, {
+    dtype: model.dtype, device: "wasm",
+    progress_callback: (p) => p.status === "progress" && onProgress(`${model.name}/${p.file}`, p.loaded, p.total),
+  });
   return {
     // The pipeline's own model generates from our ids: its text path would match control-token strings in the
     // user's text.
@@ -92,9 +112,11 @@ async function describe(model) {
 
 /** Answer one question. Options: runtime ('aira' | 'transformers'), model (a name from /models/index.json),
  * greedy (argmax with the export's repetition penalty), raw (argmax of the raw logits: what parity compares),
- * maxNewTokens, ignoreStop (time a fixed number of tokens), seed, onToken(token, seconds). */
+ * maxNewTokens, ignoreStop (time a fixed number of tokens), seed, onToken(tokens, text, seconds) as tokens come,
+ * onProgress(file, loaded, total) while a model downloads. */
 async function ask(question, { runtime = "aira", model = index.models[0].name, greedy = false, raw = false,
-                               maxNewTokens, ignoreStop = false, seed = 0, onToken = () => {} } = {}) {
+                               maxNewTokens, ignoreStop = false, seed = 0, onToken = null,
+                               onProgress = () => {} } = {}) {
   const record = index.models.find((m) => m.name === model);
   if (!record) throw new Error(`no model named ${model}`);
   const { tokenizer, description, generationConfig } = await describe(record);
@@ -102,22 +124,25 @@ async function ask(question, { runtime = "aira", model = index.models[0].name, g
   let loadSeconds = 0;
   if (!opened.has(key)) {
     const start = performance.now();
-    opened.set(key, await RUNTIMES[runtime](record, tokenizer, description));
+    opened.set(key, await RUNTIMES[runtime](record, tokenizer, description, onProgress));
     loadSeconds = (performance.now() - start) / 1000;
   }
   const ids = promptIds(tokenizer, description.format, question);
   const settings = raw ? GREEDY : samplingSettings(generationConfig, { greedy });
-  const tokens = [], times = [];
+  const tokens = [], times = [], runTimes = [];
   await opened.get(key).run(ids, { settings, maxNewTokens: maxNewTokens ?? generationConfig.max_new_tokens ?? 200,
-                                  ignoreStop, seed }, (token, seconds) => {
+                                  ignoreStop, seed }, (token, seconds, runSeconds) => {
     tokens.push(token);
     times.push(seconds);
-    onToken(tokens, decodeAnswer(tokenizer, tokens), seconds);
+    runTimes.push(runSeconds);
+    if (onToken) onToken(tokens, decodeAnswer(tokenizer, tokens), seconds);
   });
   const decodeSeconds = times.length > 1 ? times.at(-1) - times[0] : NaN;
   return {
     runtime, model, threads, promptIds: ids, tokens, answer: decodeAnswer(tokenizer, tokens), loadSeconds,
     timeToFirstToken: times[0], decodeTokensPerSecond: (times.length - 1) / decodeSeconds,
+    // Our loop only: the share of decode time spent inside ONNX Runtime's session.run (the rest is the loop's).
+    decodeRunShare: runTimes[0] === undefined ? null : (runTimes.at(-1) - runTimes[0]) / decodeSeconds,
   };
 }
 
@@ -151,6 +176,9 @@ $("ask").addEventListener("submit", async (event) => {
   try {
     const result = await ask(question, {
       runtime, model: $("model").value, greedy: $("greedy").checked, maxNewTokens: Number($("max-new-tokens").value),
+      onProgress: (file, loaded, total) => {
+        status.textContent = `loading ${file}: ${(100 * loaded / total).toFixed(0)}% of ${(total / 1e6).toFixed(1)} MB`;
+      },
       onToken: (tokens, text, seconds) => {
         answer.textContent = text || "…";
         status.textContent = `${tokens.length} tokens · ${(tokens.length / seconds).toFixed(1)} tok/s`;
