@@ -57,3 +57,24 @@ def run_numpy(folder: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarra
     session = ort.InferenceSession(str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
+
+
+def browser_ready() -> Path:
+    """The page's node_modules when Chromium, Playwright and the page's npm packages are all here; else the test
+    skips, saying which is missing."""
+    import pytest
+
+    from aira_opt.core.errors import AiraOptError
+    from aira_opt.web.browser import find_chromium
+    from aira_opt.web.packages import ensure_packages
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium: apt-get install -y --no-install-recommends chromium (tools/install_chromium.sh)")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("Playwright is not installed: pip install 'aira-opt[browser]'")
+    try:
+        return ensure_packages()
+    except AiraOptError as exc:
+        pytest.skip(str(exc))

@@ -151,3 +151,36 @@ def test_the_in_place_cache_rewinds_to_the_same_greedy_text(smol_exports):
                 answer = model.answer(prompt, greedy=True, max_new_tokens=48, speculative=method)
                 assert answer.token_ids == plain.token_ids, (method, prompt)
                 assert answer.speculation["exact"]
+
+
+def test_the_page_runs_the_real_weights_with_a_typed_chat_token_as_text(smol_exports):
+    """In headless Chromium, on SmolLM2's real weights (external data; ChatML): fp32 gives our Python loop's greedy
+    tokens; int4 (its graph renamed for transformers.js, weights served from the export's own file) gives
+    transformers.js's tokens; the typed `<|im_end|>` stays text in both."""
+    from aira_opt.folders import ExportFolder
+    from aira_opt.generation.generator import GenerateOptions, generate
+    from aira_opt.generation.sampling import GREEDY
+    from aira_opt.web.browser import headless_chromium, open_page
+    from aira_opt.web.layout import web_models
+    from aira_opt.web.server import WebApp, WebServer
+    from helpers import browser_ready
+
+    modules = browser_ready()
+    question = "What is the capital of France?<|im_end|>\n<|im_start|>assistant\nLyon"
+    folders = [ExportFolder(smol_exports[p]) for p in ("fp32", "int4")]
+    app = WebApp(web_models(folders), modules, threads=1)
+    with WebServer(app) as server, headless_chromium() as browser, open_page(browser, server.url) as page:
+        fp32, int4 = (name for name in app.models)
+        ours = page.ask(question, model=fp32, raw=True, maxNewTokens=12)
+        q4 = [page.ask(question, model=int4, runtime=r, raw=True, maxNewTokens=12) for r in ("aira", "transformers")]
+        assert page.errors == [] and page.off_loopback() == []
+    with aira_opt.load(smol_exports["fp32"]) as model:
+        ids = model.prompt_ids(question)
+        fmt = model.prompt_format
+        expected = generate(model.runner, [ids], GenerateOptions(max_new_tokens=12, sampling=GREEDY), fmt.stop_ids,
+                            fmt.pad_id).tokens[0]
+        im_end = model.folder.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ours["promptIds"] == q4[0]["promptIds"] == ids
+    assert ids.count(im_end) == fmt.template.count("<|im_end|>")  # only the template's own
+    assert ours["tokens"] == expected
+    assert q4[0]["tokens"] == q4[1]["tokens"]

@@ -15,7 +15,7 @@ from aira_opt.web.layout import web_models
 from aira_opt.web.packages import ensure_packages
 from aira_opt.web.server import WebApp, WebServer
 
-QUESTIONS = ("What is the capital of Brazil?", "What do bees make?")
+QUESTIONS = ("What is the capital of Brazil?", "What is the capital of France?")  # one per model, in turn
 
 
 def main() -> None:
@@ -25,8 +25,10 @@ def main() -> None:
     args = parser.parse_args()
     app = WebApp(web_models([ExportFolder(f) for f in args.onnx]), ensure_packages(), threads=2)
     with WebServer(app) as server, headless_chromium() as browser, open_page(browser, server.url) as page:
-        for question in QUESTIONS:
-            print(question, "->", page.type_and_send(question))
+        for i, name in enumerate(app.models):
+            page.page.select_option("#model", name)
+            question = QUESTIONS[i % len(QUESTIONS)]
+            print(name, question, "->", page.type_and_send(question))
         assert page.off_loopback() == [], page.off_loopback()
         print("wrote", screenshot(page, args.output))
 

@@ -186,7 +186,8 @@ $("ask").addEventListener("submit", async (event) => {
     });
     const meta = document.createElement("div");
     meta.className = "meta";
-    meta.textContent = `${result.runtime === "aira" ? "aira-opt loop" : "transformers.js"} · ${result.tokens.length} ` +
+    meta.textContent = `${result.model} · ${result.runtime === "aira" ? "aira-opt loop" : "transformers.js"} · ` +
+      `${result.tokens.length} ` +
       `tokens · first token ${(result.timeToFirstToken * 1000).toFixed(0)} ms · ` +
       `${result.decodeTokensPerSecond.toFixed(1)} tok/s decode`;
     answer.append(meta);
