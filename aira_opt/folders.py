@@ -23,6 +23,7 @@ from aira_opt.source.prompts import PromptFormat
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
+GENAI_CONFIG = "genai_config.json"
 PLAN_FILE, SIDECAR = "model.plan", "model.json"
 SOURCE_MANIFEST = "source_manifest.json"  # an engine folder's copy of the export's manifest.json
 
@@ -208,6 +209,15 @@ class ExportFolder(ModelFolder):
     def metadata(self) -> dict[str, str]:
         """model.onnx's metadata_props (read without its weights)."""
         return read_metadata(self.path)
+
+    @cached_property
+    def genai_config(self) -> dict[str, Any]:
+        """genai_config.json (onnxruntime-genai's description of the decoder: file, shapes, I/O names)."""
+        path = self.path / GENAI_CONFIG
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ExportFolderError(f"'{path}' is missing or unreadable ({exc}); export again") from exc
 
     def verify(self) -> list[str]:
         return verify_manifest(self.path)

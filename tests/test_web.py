@@ -313,3 +313,24 @@ def test_page_files_ship_with_the_package():
     pinned = json.loads((PAGE / "package.json").read_text())["dependencies"]
     for package, version in pinned.items():
         assert lock["packages"][f"node_modules/{package}"]["version"] == version
+
+
+def test_packages_come_from_the_cache_or_a_named_folder_and_a_bad_name_touches_nothing(tmp_path, monkeypatch):
+    from aira_opt.core.errors import AiraOptError
+    from aira_opt.web import packages
+
+    monkeypatch.setenv("AIRA_OPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("AIRA_OPT_WEB_MODULES", raising=False)
+    done = packages.modules_dir()
+    (done / "onnxruntime-web").mkdir(parents=True)
+    (done / packages.COMPLETE).write_text("npm ci\n")
+    monkeypatch.setattr(packages.shutil, "which", lambda name: pytest.fail("npm must not run"))
+    assert packages.ensure_packages() == done  # installed once: no npm again
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    monkeypatch.setenv("AIRA_OPT_WEB_MODULES", str(project / "node_modules"))
+    with pytest.raises(AiraOptError, match="has no onnxruntime-web"):
+        packages.ensure_packages()
+    assert (project / "src").is_dir()  # the folder around a wrong name is left alone
+    monkeypatch.setenv("AIRA_OPT_WEB_MODULES", str(done))
+    assert packages.ensure_packages() == done

@@ -14,6 +14,7 @@ transformers.js (src/utils/model-loader.js, src/models/session.js, 4.x) reads:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -26,13 +27,13 @@ import onnx
 
 from aira_opt.core.artifacts import atomic_folder
 from aira_opt.core.errors import OptionError
-from aira_opt.folders import CONFIG_FILE, ExportFolder
+from aira_opt.folders import CONFIG_FILE, GENAI_CONFIG, ExportFolder
 from aira_opt.precision.variants import web_names
 
 # transformers.js's DEFAULT_DTYPE_SUFFIX_MAPPING, for the dtypes our variants map to (Variant.web_dtype).
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "q8": "_quantized", "q4": "_q4", "q4f16": "_q4f16"}
-SUPPORT_FILES = ("generation_config.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja")
+SUPPORT_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja")  # served as they are; config.json and genai_config.json are rewritten
 DATA_SUFFIX = "_data"  # transformers.js: `${fileName}${suffix}.onnx_data`
 
 
@@ -80,7 +81,7 @@ class WebModel:
         files = {name: WebFile(source=self.folder.path / name) for name in SUPPORT_FILES
                  if (self.folder.path / name).is_file()}
         files[CONFIG_FILE] = WebFile(content=_json(self.config))
-        files["genai_config.json"] = WebFile(content=_json(self._genai_config()))
+        files[GENAI_CONFIG] = WebFile(content=_json(self._genai_config()))
         if self.external_data is None:
             files[self.graph_name] = WebFile(source=self.folder.model_path)
         else:
@@ -98,7 +99,7 @@ class WebModel:
 
     def _genai_config(self) -> dict:
         """genai_config.json naming the graph where this layout puts it."""
-        config = json.loads((self.folder.path / "genai_config.json").read_text())
+        config = copy.deepcopy(self.folder.genai_config)
         config["model"]["decoder"]["filename"] = self.graph_name
         return config
 
@@ -160,4 +161,5 @@ def web_models(folders: list[ExportFolder]) -> dict[str, WebModel]:
         while name in models:
             name, n = f"{base}-{n}", n + 1
         models[name] = WebModel(folder, name)
+        models[name].files  # noqa: B018 (reads the graph's header now: a bad folder fails before anything is served)
     return models

@@ -144,10 +144,7 @@ def open_server(folders: list[ExportFolder], host: str, port: int, threads: int,
                 progress: ProgressCallback | None = None) -> WebServer:
     """The server for `aira-opt web`: every folder checked and its layout made before the port opens; the page's
     packages installed on first use."""
-    models = web_models(folders)
-    for model in models.values():
-        model.files  # noqa: B018 (reads each graph's header now: a bad folder fails before the server starts)
-    app = WebApp(models, ensure_packages(progress), threads)
+    app = WebApp(web_models(folders), ensure_packages(progress), threads)
     try:
         return WebServer(app, host, port)
     except OSError as exc:

@@ -176,6 +176,7 @@ $("ask").addEventListener("submit", async (event) => {
   try {
     const result = await ask(question, {
       runtime, model: $("model").value, greedy: $("greedy").checked, maxNewTokens: Number($("max-new-tokens").value),
+      seed: crypto.getRandomValues(new Uint32Array(1))[0], // a new sample each time; window.aira.ask takes a seed
       onProgress: (file, loaded, total) => {
         status.textContent = `loading ${file}: ${(100 * loaded / total).toFixed(0)}% of ${(total / 1e6).toFixed(1)} MB`;
       },
