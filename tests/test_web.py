@@ -275,28 +275,37 @@ def test_readme_web_command_serves_a_page_that_answers_in_chromium(chromium, tmp
         process.wait(timeout=30)
 
 
-@pytest.mark.slow
-def test_transformers_js_in_node_loads_the_saved_layout_from_disk(tiny, tiny_variants, tmp_path):
-    """The --save folder is a model transformers.js loads as it is, from disk, with no network."""
-    modules = browser_ready()
-    out = tmp_path / "web"
-    CliRunner().invoke(main, ["web", "--onnx", str(tiny_variants["int4"]), "--save", str(out)], catch_exceptions=False)
-    ids = prompt_ids(tiny.tokenizer, QUESTION)
-    script = tmp_path / "load.mjs"
+def transformers_js_in_node(modules: Path, parent: Path, name: str, options: dict, ids: list[int], tmp: Path) -> list[int]:
+    """transformers.js in Node.js, loading `parent/name` from disk with no network: its greedy new tokens."""
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed")
+    script = tmp / "load.mjs"
     script.write_text(f"""
 import {{ env, AutoModelForCausalLM, Tensor }} from "{modules}/@huggingface/transformers/dist/transformers.node.mjs";
-env.allowRemoteModels = false; env.localModelPath = "{tmp_path}/";
-const model = await AutoModelForCausalLM.from_pretrained("web", {{ dtype: "q4" }});
+env.allowRemoteModels = false; env.localModelPath = "{parent}/";
+const model = await AutoModelForCausalLM.from_pretrained("{name}", {json.dumps(options)});
 const ids = {json.dumps(ids)};
 const out = await model.generate({{ inputs: new Tensor("int64", BigInt64Array.from(ids, BigInt), [1, ids.length]),
   max_new_tokens: {MAX_NEW}, do_sample: false, repetition_penalty: 1.0 }});
 console.log(JSON.stringify(Array.from(out.data, Number).slice(ids.length)));
 """)
-    if shutil.which("node") is None:
-        pytest.skip("Node.js is not installed")
     run = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == python_tokens(tiny, tiny_variants["int4"], QUESTION)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_transformers_js_in_node_loads_the_saved_layout_and_the_export_itself(tiny, tiny_variants, tmp_path):
+    """From disk, with no network: the --save folder as it is (transformers.js's own names), and the export folder
+    itself given `subfolder: ""` (its dtype then names only the file: model.onnx), weights outside the graph."""
+    modules = browser_ready()
+    source = with_external_data(tiny_variants["int4"], tmp_path / "export" / "int4")
+    CliRunner().invoke(main, ["web", "--onnx", str(source), "--save", str(tmp_path / "web")], catch_exceptions=False)
+    ids = prompt_ids(tiny.tokenizer, QUESTION)
+    expected = python_tokens(tiny, tiny_variants["int4"], QUESTION)
+    assert transformers_js_in_node(modules, tmp_path, "web", {"dtype": "q4"}, ids, tmp_path) == expected
+    as_is = {"subfolder": "", "dtype": "fp32", "use_external_data_format": True}
+    assert transformers_js_in_node(modules, tmp_path / "export", "int4", as_is, ids, tmp_path) == expected
 
 
 def test_page_files_ship_with_the_package():
