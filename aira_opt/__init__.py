@@ -15,7 +15,8 @@ from typing import Any
 
 from aira_opt._version import __version__
 
-__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect",
+__all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "check_draft", "evaluate", "bench",
+           "inspect",
            "Model", "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 _API = set(__all__) - {"__version__"}

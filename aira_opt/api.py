@@ -24,6 +24,7 @@ from aira_opt.benchmark.backends import BenchSources
 from aira_opt.benchmark.jobs import bench as run_bench_jobs
 from aira_opt.benchmark.measure import Setting
 from aira_opt.benchmark.report import report_json
+from aira_opt.evaluation import Windows, evaluate_files
 from aira_opt.inspection import inspect_folder
 from aira_opt.parity import check_folder
 from aira_opt.core.errors import AiraOptError, OptionError
@@ -38,7 +39,7 @@ from aira_opt.runners import check_draft, open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.prompts import decode_answer, prompt_ids
 
-__all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "bench", "inspect", "Model",
+__all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "evaluate", "bench", "inspect", "Model",
            "Answer", "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 FolderLike = str | Path | ExportFolder | EngineFolder
@@ -227,6 +228,17 @@ def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str
     return check_folder(opened, model, questions, max_new_tokens, provider, threads, baseline, quiet,
                         speculation=speculation, draft=open_folder(draft) if draft is not None else None,
                         shared_threads=shared_threads).to_json()
+
+
+def evaluate(*, onnx: Sequence[str | Path] = (), gguf: Sequence[str | Path] = (), genai: Sequence[str | Path] = (),
+             model: str | None = None, corpus: str = "python-language-reference", window: int = 512,
+             stride: int = 256, max_tokens: int | None = None, threads: int | None = None, quiet: bool = True,
+             on_skip: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`aira-opt eval`: each file's quality on real held-out text against PyTorch fp32 on the source model (the
+    first export's, or `model`): perplexity, KL divergence (mean, p99) and top-1 agreement, the same token ids for
+    every format. A file whose runtime is missing is listed under `skipped` with the reason."""
+    return evaluate_files([Path(p) for p in onnx], [Path(p) for p in gguf], [Path(p) for p in genai], model, corpus,
+                          Windows(window, stride), max_tokens, threads, quiet, on_skip)
 
 
 def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines: Sequence[str | Path] = (),

@@ -20,6 +20,9 @@ from aira_opt.benchmark.report import render_text, report_json, write_outputs
 from aira_opt.parity import BASELINES, check_folder, report_table
 from aira_opt.core.errors import AiraOptError, Terminated, UnexpectedError
 from aira_opt.core.progress import print_progress
+from aira_opt.core.tables import text_table
+from aira_opt.evaluation import eval_table
+from aira_opt.source.corpus import CORPORA
 from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.folders import ExportFolder
 from aira_opt.generation.defaults import speculation_from
@@ -470,6 +473,37 @@ def web_cmd(onnx_dirs: tuple[Path, ...], port: int, host: str, threads: int, sav
     server = open_server(folders, host, port, threads, print_progress)
     click.echo(f"serving {len(folders)} model{'s' if len(folders) > 1 else ''} at {server.url}  (Ctrl-C stops)")
     server.serve_forever()
+
+
+@main.command("eval")
+@click.option("--onnx", "onnx_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An export folder of ours (repeat for several).")
+@click.option("--gguf", "gguf_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A GGUF file, run by llama.cpp (repeat for several).")
+@click.option("--genai", "genai_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An onnxruntime-genai folder, run by onnxruntime-genai (repeat for several).")
+@click.option("--model", "model_spec", default=None, metavar="SPEC",
+              help="The source model, the fp32 PyTorch reference [default: the first --onnx folder's source].")
+@click.option("--corpus", type=click.Choice(CORPORA), default=CORPORA[0], show_default=True,
+              help="Held-out real text (`small`: its first few thousand characters, for quick runs).")
+@click.option("--window", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--stride", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the corpus's first N tokens.")
+@threads_option
+@json_option("the report")
+def eval_cmd(onnx_dirs: tuple[Path, ...], gguf_files: tuple[Path, ...], genai_dirs: tuple[Path, ...],
+             model_spec: str | None, corpus: str, window: int, stride: int, max_tokens: int | None,
+             threads: int | None, json_target: str | None) -> None:
+    """Quality on real text against PyTorch fp32: perplexity, KL divergence and top-1 agreement, the same token ids
+    for every format (our exports, GGUF through llama.cpp, onnxruntime-genai folders)."""
+    report = api.evaluate(onnx=onnx_dirs, gguf=gguf_files, genai=genai_dirs, model=model_spec, corpus=corpus,
+                          window=window, stride=stride, max_tokens=max_tokens, threads=threads,
+                          quiet=json_target == "-", on_skip=lambda line: click.echo(line, err=True))
+    if json_target is not None:
+        emit_json(json_target, report)
+    if json_target != "-":
+        headers, rows = eval_table(report)
+        click.echo(text_table(headers, rows))
 
 
 # inspect -----------------------------------------------------------------------------------------------

@@ -3,7 +3,11 @@ calibration texts that checks and quantization use. Deterministic, so every arti
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from importlib import resources
+
+from pydoc_data.topics import topics
 
 CAPITALS: dict[str, str] = {
     "Brazil": "Brasília", "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Germany": "Berlin",
@@ -93,3 +97,38 @@ def heldout_english() -> list[str]:
     models that are not Aira-format."""
     text = (resources.files("aira_opt") / "assets" / "text" / "heldout-english.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
+
+
+# ---- Real text for `aira-opt eval` ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RealText:
+    """A held-out text with its provenance: what `eval` measures quality on (never calibration or training)."""
+
+    name: str
+    text: str
+    source: str
+    licence: str
+
+    def describe(self) -> dict[str, str | int]:
+        return {"name": self.name, "source": self.source, "licence": self.licence, "characters": len(self.text)}
+
+
+# The Python Language Reference's topics (pydoc_data.topics, shipped with every CPython: `help('assert')` prints
+# one): about 465k characters of technical English prose, about 110k tokens for SmolLM2's tokenizer. The
+# topics are joined in name order, so every machine builds the same text from the same Python minor version.
+# Calibration never reads it (calibration_questions above and the recipes' own random probes do).
+LANGUAGE_REFERENCE = "python-language-reference"
+SMALL_SLICE = "small"  # the first topics, a few thousand characters: for tests
+CORPORA = (LANGUAGE_REFERENCE, SMALL_SLICE)
+
+
+def real_text(name: str = LANGUAGE_REFERENCE) -> RealText:
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus '{name}'; known: {', '.join(CORPORA)}")
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics))
+    if name == SMALL_SLICE:
+        text = text[:6000]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return RealText(name, text, f"CPython {version} pydoc_data.topics (the Python Language Reference)",
+                    "PSF License Agreement (Python documentation)")

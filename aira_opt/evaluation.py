@@ -1,0 +1,266 @@
+"""`aira-opt eval`: the quality of any model file, measured the same way for every format. The reference is
+PyTorch fp32 on the source model; every candidate (our export folder, a GGUF file through llama.cpp, an
+onnxruntime-genai folder) reads the same token ids of real held-out text, window by window, and is compared
+position by position:
+
+- perplexity over a sliding window (each token scored once, with at least `window - stride` tokens of context
+  after the first window), the candidate's and the reference's;
+- the KL divergence of the candidate's next-token distribution from the reference's, KL(P_ref || P_cand), its
+  mean and 99th percentile over scored positions (llama.cpp's perplexity tool reports these as "Mean KLD" and
+  "99.0% KLD");
+- top-1 agreement: the share of positions where both put the same token first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aira_opt.core.errors import AiraOptError, MissingExtraError, OptionError
+from aira_opt.core.progress import bar
+from aira_opt.folders import ExportFolder
+from aira_opt.parity import sequence_logits
+from aira_opt.runtime.ort import OrtDecoder
+from aira_opt.runtime.pytorch import TorchDecoder
+from aira_opt.source.corpus import RealText, real_text
+from aira_opt.source.models import LoadedModel, load_model
+from aira_opt.source.prompts import text_ids
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Sliding windows over a token sequence, as transformers' perplexity guide strides them."""
+
+    window: int = 512  # tokens a candidate sees at once
+    stride: int = 256  # how far each window moves; every later window scores its last `stride` targets
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.window or not 1 <= self.stride < self.window:  # overlap: each target has a context
+            raise OptionError(f"need window >= 2 and 1 <= stride < window, got window {self.window}, "
+                              f"stride {self.stride}")
+
+    def split(self, ids: list[int]) -> Iterator[tuple[list[int], int]]:
+        """(window ids, first scored row) pairs: row r of a window's logits predicts its token r + 1; rows from
+        the first scored one to the end are scored, and every target of `ids` is scored exactly once."""
+        scored_until = 1  # ids[0] has nothing before it
+        begin = 0
+        while scored_until < len(ids):
+            end = min(begin + self.window, len(ids))
+            yield ids[begin:end], scored_until - 1 - begin
+            scored_until = end
+            begin += self.stride
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[N, V] -> [N, V] in float64."""
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@dataclass
+class Tally:
+    """What one candidate accumulated over the scored positions."""
+
+    nll: float = 0.0
+    nll_reference: float = 0.0
+    kl: list[np.ndarray] = field(default_factory=list)  # per scored position
+    top1: int = 0
+    tokens: int = 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> None:
+        """reference, candidate: [N, V] logits predicting targets [N]."""
+        ref, cand = log_softmax(reference), log_softmax(candidate)
+        rows = np.arange(len(targets))
+        self.nll -= float(cand[rows, targets].sum())
+        self.nll_reference -= float(ref[rows, targets].sum())
+        self.kl.append((np.exp(ref) * (ref - cand)).sum(-1))
+        self.top1 += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        self.tokens += len(targets)
+
+    def summary(self) -> dict[str, float | int]:
+        kl = np.concatenate(self.kl) if self.kl else np.zeros(0)
+        return {"tokens": self.tokens, "perplexity": float(np.exp(self.nll / self.tokens)),
+                "perplexity_reference": float(np.exp(self.nll_reference / self.tokens)),
+                "kl_divergence_mean": float(kl.mean()), "kl_divergence_p99": float(np.percentile(kl, 99)),
+                "top1_agreement": self.top1 / self.tokens}
+
+
+# ---- Logit sources: one interface for every format ------------------------------------------------------------
+
+class LogitSource:
+    """A model file that gives the logits of every position of a window of token ids: [T] -> [T, V]."""
+
+    label: str
+    format: str
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class DecoderSource(LogitSource):
+    """Our runners (PyTorch, ONNX Runtime): one prefill over the window."""
+
+    def __init__(self, decoder: Any, label: str, format: str):
+        self.decoder, self.label, self.format = decoder.activate(), label, format
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return sequence_logits(self.decoder, ids)
+
+    def close(self) -> None:
+        self.decoder.deactivate()
+
+
+class LlamaCppSource(LogitSource):
+    """A GGUF file through llama.cpp (llama-cpp-python), every position's logits kept."""
+
+    format = "gguf"
+
+    def __init__(self, path: Path, window: int, threads: int | None):
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise MissingExtraError("--gguf (llama.cpp)", "llamacpp",
+                                    "or benchmarks/build_llamacpp.sh --cached-only") from exc
+        self.label = f"llama.cpp {path.name}"
+        self.model = llama_cpp.Llama(model_path=str(path), n_ctx=window, n_batch=window, logits_all=True,
+                                     n_threads=threads, verbose=False)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.model.reset()
+        self.model.eval(ids)
+        return np.array(self.model.scores[: len(ids)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class GenaiSource(LogitSource):
+    """An onnxruntime-genai folder (its builder's, or ours) through onnxruntime-genai's own generator."""
+
+    format = "genai"
+
+    def __init__(self, folder: Path, window: int):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise MissingExtraError("--genai (onnxruntime-genai)", "genai") from exc
+        self.og, self.window, self.label = og, window, f"onnxruntime-genai {folder}"
+        self.model = og.Model(str(folder))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids))  # the window fits the context; no token is generated
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.array([ids], dtype=np.int32))
+        return np.array(generator.get_output("logits"), dtype=np.float32)[0]  # [1, T, V] -> [T, V]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the user named: a format and a path."""
+
+    format: str  # "onnx" | "gguf" | "genai"
+    path: Path
+
+    def open(self, windows: Windows, threads: int | None) -> LogitSource:
+        if self.format == "onnx":
+            folder = ExportFolder(self.path)
+            return DecoderSource(OrtDecoder(folder, threads=threads), f"ours {folder.manifest.label}", "onnx")
+        if self.format == "gguf":
+            return LlamaCppSource(self.path, windows.window, threads)
+        return GenaiSource(self.path, windows.window)
+
+
+def corpus_ids(loaded: LoadedModel, text: RealText, max_tokens: int | None) -> list[int]:
+    """The text's ids with the model's own tokenizer (bos first where the tokenizer uses one); control-token
+    strings in the text stay text."""
+    tok = loaded.tokenizer
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ids = bos + text_ids(tok, text.text)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, windows: Windows,
+             max_tokens: int | None = None, threads: int | None = None, quiet: bool = False,
+             on_skip: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every candidate against the reference on the same ids, window by window (the reference runs once per
+    window). A candidate whose runtime is not installed is skipped with its reason."""
+    ids = corpus_ids(loaded, text, max_tokens)
+    if len(ids) < 2:
+        raise OptionError("the corpus slice has fewer than 2 tokens")
+    vocab = loaded.config.vocab_size
+    reference = DecoderSource(TorchDecoder(loaded), "PyTorch fp32", "torch")
+    sources: list[LogitSource] = []
+    skipped: list[dict[str, str]] = []
+    try:
+        for candidate in candidates:
+            try:
+                sources.append(candidate.open(windows, threads))
+            except MissingExtraError as exc:
+                skipped.append({"format": candidate.format, "path": str(candidate.path), "reason": str(exc)})
+                if on_skip:
+                    on_skip(f"skipped {candidate.path}: {exc}")
+        tallies = [Tally() for _ in sources]
+        seconds = [0.0 for _ in sources]
+        for window_ids, first in bar(list(windows.split(ids)), "eval windows", quiet=quiet):
+            targets = np.array(window_ids[first + 1:])
+            ref = reference.logits(window_ids)[first:-1]
+            for i, source in enumerate(sources):
+                start = time.perf_counter()
+                cand = source.logits(window_ids)
+                seconds[i] += time.perf_counter() - start
+                if cand.shape[-1] < vocab:
+                    raise AiraOptError(f"{source.label} gives {cand.shape[-1]} logits per position, the reference "
+                                       f"{vocab}: not the same vocabulary")
+                tallies[i].add(ref[:, :vocab], cand[first:-1, :vocab], targets)
+    finally:
+        for source in [reference, *sources]:
+            source.close()
+    return {
+        "reference": {"model": loaded.describe()["name"], "runner": "PyTorch fp32"},
+        "corpus": {**text.describe(), "tokens_available": len(ids),
+                   "ids_sha256": hashlib.sha256(np.array(ids, dtype=np.int64).tobytes()).hexdigest()},
+        "window": windows.window, "stride": windows.stride,
+        "results": [{"label": s.label, "format": s.format, **t.summary(), "seconds": round(sec, 2)}
+                    for s, t, sec in zip(sources, tallies, seconds)],
+        "skipped": skipped,
+    }
+
+
+def eval_table(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["candidate", "tokens", "perplexity", "vs reference", "KL mean", "KL p99", "top-1"]
+    rows = [[r["label"], r["tokens"], f"{r['perplexity']:.4f}",
+             f"{100 * (r['perplexity'] / r['perplexity_reference'] - 1):+.2f}%", f"{r['kl_divergence_mean']:.5f}",
+             f"{r['kl_divergence_p99']:.4f}", f"{r['top1_agreement']:.4f}"] for r in report["results"]]
+    return headers, rows
+
+
+__all__ = ["Candidate", "Windows", "Tally", "evaluate", "eval_table"]
+
+
+def evaluate_files(onnx: list[Path], gguf: list[Path], genai: list[Path], model_spec: str | None, corpus: str,
+                   windows: Windows, max_tokens: int | None, threads: int | None, quiet: bool,
+                   on_skip: Callable[[str], None] | None) -> dict[str, Any]:
+    """`eval` on named files: the reference is `model_spec`, else the first export folder's source model."""
+    candidates = ([Candidate("onnx", p) for p in onnx] + [Candidate("gguf", p) for p in gguf]
+                  + [Candidate("genai", p) for p in genai])
+    if not candidates:
+        raise OptionError("nothing to evaluate: pass --onnx DIR, --gguf FILE or --genai DIR")
+    spec, layers = model_spec, None
+    if spec is None and onnx:
+        manifest = ExportFolder(onnx[0]).manifest
+        spec, layers = manifest.source_spec, manifest.num_layers_override
+    if not spec:
+        raise OptionError("name the source model with --model (the fp32 PyTorch reference)")
+    loaded = load_model(spec, layers)
+    return evaluate(loaded, candidates, real_text(corpus), windows, max_tokens, threads, quiet, on_skip)
