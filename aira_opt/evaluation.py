@@ -175,7 +175,9 @@ class Candidate:
     def open(self, windows: Windows, threads: int | None) -> LogitSource:
         if self.format == "onnx":
             folder = ExportFolder(self.path)
-            return DecoderSource(OrtDecoder(folder, threads=threads), f"ours {folder.manifest.label}", "onnx")
+            label = folder.manifest.label
+            label += f" [{folder.path.name}]" if folder.path.name != label else ""  # two folders, one variant
+            return DecoderSource(OrtDecoder(folder, threads=threads), f"ours {label}", "onnx")
         if self.format == "gguf":
             return LlamaCppSource(self.path, windows.window, threads)
         return GenaiSource(self.path, windows.window)
@@ -203,9 +205,11 @@ def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, w
     sources: list[LogitSource] = []
     skipped: list[dict[str, str]] = []
     try:
+        opened: list[Candidate] = []
         for candidate in candidates:
             try:
                 sources.append(candidate.open(windows, threads))
+                opened.append(candidate)
             except MissingExtraError as exc:
                 skipped.append({"format": candidate.format, "path": str(candidate.path), "reason": str(exc)})
                 if on_skip:
@@ -231,8 +235,8 @@ def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, w
         "corpus": {**text.describe(), "tokens_available": len(ids),
                    "ids_sha256": hashlib.sha256(np.array(ids, dtype=np.int64).tobytes()).hexdigest()},
         "window": windows.window, "stride": windows.stride,
-        "results": [{"label": s.label, "format": s.format, **t.summary(), "seconds": round(sec, 2)}
-                    for s, t, sec in zip(sources, tallies, seconds)],
+        "results": [{"label": s.label, "format": s.format, "path": str(c.path), **t.summary(), "seconds": round(sec, 2)}
+                    for s, c, t, sec in zip(sources, opened, tallies, seconds)],
         "skipped": skipped,
     }
 
