@@ -16,6 +16,8 @@ from pathlib import Path
 
 from aira_opt.core.tables import markdown_table
 
+FLOOR = 1e-5  # the plot's lowest KL: below it a file is as good as exact
+
 
 def speed_key(row: dict) -> str:
     """A bench row's file, as eval names it."""
@@ -66,16 +68,16 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for ours, colour, marker, name in ((True, "tab:blue", "o", "aira-opt"), (False, "tab:orange", "s", "peers")):
-        group = [p for p in points if p["ours"] == ours and p["decode_tokens_per_s"] and p["kl_divergence_mean"] > 0]
-        ax.scatter([p["decode_tokens_per_s"] for p in group], [p["kl_divergence_mean"] for p in group], c=colour,
-                   marker=marker, label=name, s=36)
-        for p in group:
-            ax.annotate(p["label"].replace("llama.cpp model-", "llama.cpp ").replace(".gguf", ""),
-                        (p["decode_tokens_per_s"], p["kl_divergence_mean"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+        group = [p for p in points if p["ours"] == ours and p["decode_tokens_per_s"]]
+        kl = [max(p["kl_divergence_mean"], FLOOR) for p in group]  # exact files sit on the floor
+        ax.scatter([p["decode_tokens_per_s"] for p in group], kl, c=colour, marker=marker, label=name, s=36)
+        for p, y in zip(group, kl):
+            ax.annotate(p["bench_label"], (p["decode_tokens_per_s"], y), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=FLOOR / 2)
     ax.set_xlabel("decode tokens/s (batch 1)")
-    ax.set_ylabel("mean KL divergence from PyTorch fp32 (log; lower is better)")
+    ax.set_ylabel(f"mean KL divergence from PyTorch fp32 (log, floor {FLOOR:g}; lower is better)")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
