@@ -132,8 +132,11 @@ class LlamaCppSource(LogitSource):
             raise MissingExtraError("--gguf (llama.cpp)", "llamacpp",
                                     "or benchmarks/build_llamacpp.sh --cached-only") from exc
         self.label = f"llama.cpp {path.name}"
-        self.model = llama_cpp.Llama(model_path=str(path), n_ctx=window, n_batch=window, logits_all=True,
-                                     n_threads=threads, verbose=False)
+        try:
+            self.model = llama_cpp.Llama(model_path=str(path), n_ctx=window, n_batch=window, logits_all=True,
+                                         n_threads=threads, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise AiraOptError(f"llama.cpp cannot load '{path}' ({exc}); is it a GGUF file?") from exc
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.model.reset()
@@ -149,12 +152,12 @@ class GenaiSource(LogitSource):
 
     format = "genai"
 
-    def __init__(self, folder: Path, window: int):
+    def __init__(self, folder: Path):
         try:
             import onnxruntime_genai as og
         except ImportError as exc:
             raise MissingExtraError("--genai (onnxruntime-genai)", "genai") from exc
-        self.og, self.window, self.label = og, window, f"onnxruntime-genai {folder}"
+        self.og, self.label = og, f"onnxruntime-genai {folder}"
         self.model = og.Model(str(folder))
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -180,7 +183,7 @@ class Candidate:
             return DecoderSource(OrtDecoder(folder, threads=threads), f"ours {label}", "onnx")
         if self.format == "gguf":
             return LlamaCppSource(self.path, windows.window, threads)
-        return GenaiSource(self.path, windows.window)
+        return GenaiSource(self.path)
 
 
 def corpus_ids(loaded: LoadedModel, text: RealText, max_tokens: int | None) -> list[int]:
@@ -201,6 +204,9 @@ def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, w
     if len(ids) < 2:
         raise OptionError("the corpus slice has fewer than 2 tokens")
     vocab = loaded.config.vocab_size
+    context = getattr(loaded.config, "max_position_embeddings", None)
+    if context and windows.window > context:
+        raise OptionError(f"--window {windows.window} is longer than the model's context ({context} positions)")
     reference = DecoderSource(TorchDecoder(loaded), "PyTorch fp32", "torch")
     sources: list[LogitSource] = []
     skipped: list[dict[str, str]] = []

@@ -124,3 +124,13 @@ def test_the_corpus_is_real_prose_with_its_provenance():
     assert "Python Language Reference" in full.source and "PSF" in full.licence
     with pytest.raises(ValueError, match="known"):
         real_text("wikipedia")
+
+
+def test_a_file_llama_cpp_cannot_load_and_a_window_past_the_context_are_one_line_errors(tiny_export, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama.cpp (llama-cpp-python) is not installed")
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file")
+    result = CliRunner().invoke(main, ["eval", "--onnx", str(tiny_export), "--gguf", str(bad), "--corpus", SMALL_SLICE])
+    assert result.exit_code != 0 and "llama.cpp cannot load" in result.output and "Traceback" not in result.output
+    long = CliRunner().invoke(main, ["eval", "--onnx", str(tiny_export), "--window", "4096", "--stride", "8"])
+    assert long.exit_code != 0 and "context" in long.output
