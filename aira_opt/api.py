@@ -37,6 +37,7 @@ from aira_opt.pipeline.export_plan import ExportPlan, plan_export
 from aira_opt.pipeline.export_run import run_export
 from aira_opt.runners import check_draft, open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
+from aira_opt.source.corpus import LANGUAGE_REFERENCE
 from aira_opt.source.prompts import decode_answer, prompt_ids
 
 __all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "evaluate", "bench", "inspect", "Model",
@@ -231,7 +232,7 @@ def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str
 
 
 def evaluate(*, onnx: Sequence[str | Path] = (), gguf: Sequence[str | Path] = (), genai: Sequence[str | Path] = (),
-             model: str | None = None, corpus: str = "python-language-reference", window: int = 512,
+             model: str | None = None, corpus: str = LANGUAGE_REFERENCE, window: int = 512,
              stride: int = 256, max_tokens: int | None = None, threads: int | None = None, quiet: bool = True,
              on_skip: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`aira-opt eval`: each file's quality on real held-out text against PyTorch fp32 on the source model (the

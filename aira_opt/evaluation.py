@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from aira_opt.core.errors import AiraOptError, MissingExtraError, OptionError
+from aira_opt.core.numerics import log_softmax
 from aira_opt.core.progress import bar
 from aira_opt.folders import ExportFolder
 from aira_opt.parity import sequence_logits
@@ -57,11 +58,22 @@ class Windows:
             begin += self.stride
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """[N, V] -> [N, V] in float64."""
-    x = logits.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+@dataclass(frozen=True)
+class Reference:
+    """The reference's distributions at one window's scored positions, computed once for every candidate."""
+
+    logp: np.ndarray  # [N, V] log-probabilities
+    probs: np.ndarray  # [N, V]
+    top1: np.ndarray  # [N]
+    targets: np.ndarray  # [N] the tokens that followed
+    nll: float  # the reference's negative log-likelihood of the targets
+
+    @classmethod
+    def of(cls, logits: np.ndarray, targets: np.ndarray) -> Reference:
+        """logits: [N, V] predicting targets [N]."""
+        logp = log_softmax(logits)
+        return cls(logp, np.exp(logp), logp.argmax(-1), targets,
+                   -float(logp[np.arange(len(targets)), targets].sum()))
 
 
 @dataclass
@@ -74,15 +86,14 @@ class Tally:
     top1: int = 0
     tokens: int = 0
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray) -> None:
-        """reference, candidate: [N, V] logits predicting targets [N]."""
-        ref, cand = log_softmax(reference), log_softmax(candidate)
-        rows = np.arange(len(targets))
-        self.nll -= float(cand[rows, targets].sum())
-        self.nll_reference -= float(ref[rows, targets].sum())
-        self.kl.append((np.exp(ref) * (ref - cand)).sum(-1))
-        self.top1 += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        self.tokens += len(targets)
+    def add(self, reference: Reference, candidate: np.ndarray) -> None:
+        """candidate: [N, V] logits at the reference's positions."""
+        cand = log_softmax(candidate)
+        self.nll -= float(cand[np.arange(len(reference.targets)), reference.targets].sum())
+        self.nll_reference += reference.nll
+        self.kl.append((reference.probs * (reference.logp - cand)).sum(-1))
+        self.top1 += int((reference.top1 == cand.argmax(-1)).sum())
+        self.tokens += len(reference.targets)
 
     def summary(self) -> dict[str, float | int]:
         kl = np.concatenate(self.kl) if self.kl else np.zeros(0)
@@ -223,8 +234,7 @@ def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, w
         tallies = [Tally() for _ in sources]
         seconds = [0.0 for _ in sources]
         for window_ids, first in bar(list(windows.split(ids)), "eval windows", quiet=quiet):
-            targets = np.array(window_ids[first + 1:])
-            ref = reference.logits(window_ids)[first:-1]
+            ref = Reference.of(reference.logits(window_ids)[first:-1, :vocab], np.array(window_ids[first + 1:]))
             for i, source in enumerate(sources):
                 start = time.perf_counter()
                 cand = source.logits(window_ids)
@@ -232,7 +242,7 @@ def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, w
                 if cand.shape[-1] < vocab:
                     raise AiraOptError(f"{source.label} gives {cand.shape[-1]} logits per position, the reference "
                                        f"{vocab}: not the same vocabulary")
-                tallies[i].add(ref[:, :vocab], cand[first:-1, :vocab], targets)
+                tallies[i].add(ref, cand[first:-1, :vocab])
     finally:
         for source in [reference, *sources]:
             source.close()
@@ -255,7 +265,7 @@ def eval_table(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-__all__ = ["Candidate", "Windows", "Tally", "evaluate", "eval_table"]
+__all__ = ["Candidate", "Windows", "Reference", "Tally", "evaluate", "eval_table"]
 
 
 def evaluate_files(onnx: list[Path], gguf: list[Path], genai: list[Path], model_spec: str | None, corpus: str,

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from aira_opt.cli import main
 from aira_opt.core.errors import OptionError
-from aira_opt.evaluation import Candidate, LogitSource, Tally, Windows, corpus_ids, evaluate
+from aira_opt.evaluation import Candidate, LogitSource, Reference, Tally, Windows, corpus_ids, evaluate
 from aira_opt.source.corpus import LANGUAGE_REFERENCE, SMALL_SLICE, real_text
 
 
@@ -46,8 +46,8 @@ def test_tally_matches_a_direct_numpy_computation():
     reference, candidate = rng.normal(size=(50, 7)), rng.normal(size=(50, 7))
     targets = rng.integers(0, 7, size=50)
     tally = Tally()
-    tally.add(reference[:20], candidate[:20], targets[:20])  # in two parts, as windows come
-    tally.add(reference[20:], candidate[20:], targets[20:])
+    tally.add(Reference.of(reference[:20], targets[:20]), candidate[:20])  # in two parts, as windows come
+    tally.add(Reference.of(reference[20:], targets[20:]), candidate[20:])
     got = tally.summary()
 
     def softmax(x):

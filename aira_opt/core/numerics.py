@@ -17,10 +17,15 @@ def logit_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, f
     }
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[N, V] logits -> [N, V] log-probabilities, in float64."""
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def perplexity(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
     """Sum of negative log-likelihoods of ids[1:] given logits[:-1]; returns (nll_sum, count)."""
-    x = logits[:-1].astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    logp = log_softmax(logits[:-1])
     targets = np.array(ids[1:])
     return float(-logp[np.arange(len(targets)), targets].sum()), len(targets)

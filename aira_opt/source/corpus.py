@@ -115,8 +115,7 @@ class RealText:
 
 
 # The Python Language Reference's topics (pydoc_data.topics, shipped with every CPython: `help('assert')` prints
-# one): about 465k characters of technical English prose, about 110k tokens for SmolLM2's tokenizer. The
-# topics are joined in name order, so every machine builds the same text from the same Python minor version.
+# one): technical English prose (its size is in assets/text/SOURCE.md). The topics are joined in name order, so every machine builds the same text from the same Python minor version.
 # Calibration never reads it (calibration_questions above and the recipes' own random probes do).
 LANGUAGE_REFERENCE = "python-language-reference"
 SMALL_SLICE = "small"  # the first topics, a few thousand characters: for tests
