@@ -16,7 +16,7 @@ from typing import Any
 from aira_opt._version import __version__
 
 __all__ = ["__version__", "load", "export", "plan_export", "run_export", "check", "check_draft", "evaluate", "bench",
-           "inspect",
+           "save_web", "serve_web", "inspect",
            "Model", "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 _API = set(__all__) - {"__version__"}

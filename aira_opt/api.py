@@ -39,8 +39,12 @@ from aira_opt.runners import check_draft, open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.corpus import LANGUAGE_REFERENCE
 from aira_opt.source.prompts import decode_answer, prompt_ids
+from aira_opt.serve.server import LOCAL_HOST
+from aira_opt.web.layout import web_models
+from aira_opt.web.server import WebServer, open_server
 
-__all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "evaluate", "bench", "inspect", "Model",
+__all__ = ["load", "export", "plan_export", "run_export", "check", "check_draft", "evaluate", "bench", "save_web", "serve_web",
+           "inspect", "Model",
            "Answer", "ExportFolder", "EngineFolder", "ExportPlan", "AiraOptError"]
 
 FolderLike = str | Path | ExportFolder | EngineFolder
@@ -240,6 +244,29 @@ def evaluate(*, onnx: Sequence[str | Path] = (), gguf: Sequence[str | Path] = ()
     every format. A file whose runtime is missing is listed under `skipped` with the reason."""
     return evaluate_files([Path(p) for p in onnx], [Path(p) for p in gguf], [Path(p) for p in genai], model, corpus,
                           Windows(window, stride), max_tokens, threads, quiet, on_skip)
+
+
+def save_web(folder: FolderLike, output: str | Path, *, force: bool = False) -> Path:
+    """`aira-opt web --save`: the export in transformers.js's layout (onnx/model{suffix}.onnx, config.json with
+    transformers.js_config), written atomically, the weights hard-linked where the file system allows."""
+    model = next(iter(web_models([_export_folder(folder)]).values()))
+    model.save(Path(output), force)
+    return Path(output)
+
+
+def serve_web(folders: Sequence[FolderLike], *, host: str = LOCAL_HOST, port: int = 8080, threads: int = 1,
+              on_progress: ProgressCallback | None = None) -> WebServer:
+    """`aira-opt web`: the chat page's server for these exports, listening but not yet serving: `start()` serves
+    on a background thread (`stop()` ends it), `serve_forever()` on this one. The page's npm packages are
+    installed on first use."""
+    return open_server([_export_folder(f) for f in folders], host, port, threads, on_progress)
+
+
+def _export_folder(folder: FolderLike) -> ExportFolder:
+    opened = open_folder(folder)
+    if not isinstance(opened, ExportFolder):
+        raise OptionError(f"'{opened.path}' is a TensorRT engine folder; a web page runs an export folder")
+    return opened
 
 
 def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines: Sequence[str | Path] = (),

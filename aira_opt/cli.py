@@ -37,8 +37,6 @@ from aira_opt.serve.server import LOCAL_HOST, Ports, serve_folder
 from aira_opt.source.models import spec_name
 from aira_opt.tensorrt.build_plan import TARGETS, BuildOptions, describe_plan, make_plan
 from aira_opt.tensorrt.engines import build_engine
-from aira_opt.web.layout import web_models
-from aira_opt.web.server import open_server
 
 model_option = click.option("--model", "model_spec", default="aira-tiny", show_default=True, metavar="SPEC",
                             help="aira-tiny (bundled), aira-2-1b1-random, smollm2-135m, a local folder, a .gguf file, or a hub id.")
@@ -462,16 +460,14 @@ def serve_cmd(onnx_dir: Path | None, engine_dir: Path | None, name: str | None, 
 @click.option("--force", is_flag=True, help="With --save: replace an existing folder.")
 def web_cmd(onnx_dirs: tuple[Path, ...], port: int, host: str, threads: int, save: Path | None, force: bool) -> None:
     """Serve a chat page that runs the export in the browser (onnxruntime-web and transformers.js), from localhost."""
-    folders = [ExportFolder(path) for path in onnx_dirs]
     if save is not None:
-        if len(folders) != 1:
+        if len(onnx_dirs) != 1:
             raise click.UsageError("--save writes one export: pass one --onnx")
-        model = next(iter(web_models(folders).values()))
-        model.save(save, force)
-        click.echo(f"wrote {save} ({model.graph_name}, transformers.js dtype '{model.dtype}')")
+        click.echo(f"wrote {api.save_web(onnx_dirs[0], save, force=force)} in transformers.js's layout")
         return
-    server = open_server(folders, host, port, threads, print_progress)
-    click.echo(f"serving {len(folders)} model{'s' if len(folders) > 1 else ''} at {server.url}  (Ctrl-C stops)")
+    server = api.serve_web(onnx_dirs, host=host, port=port, threads=threads, on_progress=print_progress)
+    n = len(onnx_dirs)
+    click.echo(f"serving {n} model{'s' if n > 1 else ''} at {server.url}  (Ctrl-C stops)")
     server.serve_forever()
 
 

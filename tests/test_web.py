@@ -343,3 +343,22 @@ def test_packages_come_from_the_cache_or_a_named_folder_and_a_bad_name_touches_n
     assert (project / "src").is_dir()  # the folder around a wrong name is left alone
     monkeypatch.setenv("AIRA_OPT_WEB_MODULES", str(done))
     assert packages.ensure_packages() == done
+
+
+def test_the_python_api_saves_the_layout_and_serves_the_page(tiny_export, tmp_path, monkeypatch):
+    """`aira-opt web` from Python: aira_opt.save_web and aira_opt.serve_web (started in the background)."""
+    import aira_opt
+
+    out = aira_opt.save_web(tiny_export, tmp_path / "web")
+    assert json.loads((out / "config.json").read_text())["transformers.js_config"] == {"dtype": "fp32"}
+    assert (out / "onnx" / "model.onnx").read_bytes() == (tiny_export / "model.onnx").read_bytes()
+    with pytest.raises(aira_opt.AiraOptError, match="--force"):
+        aira_opt.save_web(tiny_export, out)
+    monkeypatch.setenv("AIRA_OPT_WEB_MODULES", str(fake_modules(tmp_path / "node_modules")))
+    server = aira_opt.serve_web([tiny_export], port=0, threads=2).start()
+    try:
+        status, headers, _ = fetch(server.url)
+        assert status == 200 and headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        assert json.loads(fetch(server.url + "models/index.json")[2])["models"][0]["name"] == "aira-tiny-fp32"
+    finally:
+        server.stop()
