@@ -115,7 +115,9 @@ def test_the_int4_export_drafts_for_fp32_with_the_same_greedy_text(smol_exports,
     plain_answer, drafted_answer = json.loads(plain.stdout), json.loads(drafted.stdout)
     assert drafted_answer["token_ids"] == plain_answer["token_ids"]
     record = drafted_answer["speculation"]
-    assert record["exact"] and record["acceptance_rate"] > 0.5 and record["tokens_per_step"] > 1.5
+    # How many tokens a step proposes adapts to measured step times (a loaded machine may stop proposing), so
+    # tokens per step is a benchmark's figure; what the draft proposed was mostly the target's own choice.
+    assert record["exact"] and record["proposed"] > 0 and record["acceptance_rate"] > 0.5
 
 
 def test_an_int4_target_says_its_verify_steps_are_not_exact(smol_exports):
