@@ -29,7 +29,8 @@ from aira_opt.generation.defaults import speculation_from
 from aira_opt.generation.speculative import MAX_TOKENS, METHODS
 from aira_opt.inspection import inspect_folder
 from aira_opt.pipeline.export_plan import kernel_choices
-from aira_opt.precision.variants import BLOCK_SIZES, exportable_names
+from aira_opt.precision.recipe import ALGORITHMS
+from aira_opt.precision.variants import BLOCK_SIZES, HEAD_BITS, exportable_names
 from aira_opt.runners import chosen_folder
 from aira_opt.runtime.providers import PROVIDERS
 from aira_opt.serve.repository import ServingOptions, write_repository
@@ -162,6 +163,14 @@ def _quiet_libraries() -> None:
 @click.option("--block-size", type=int, default=None,
               help=f"int8/int4 only: weights per quantization block, one of {', '.join(map(str, BLOCK_SIZES))} "
                    "[default: 32; 128 is faster, less exact].")
+@click.option("--lm-head", type=click.Choice(list(HEAD_BITS)), default=None,
+              help="int8/int4 only: the output head's precision [default: int8; float reads it whole every step].")
+@click.option("--algorithm", type=click.Choice(list(ALGORITHMS)), default=None,
+              help="int4 only: how blocks are rounded: rtn (default), hqq (float zero points: ONNX Runtime's slow "
+                   "path), gptq (calibrated).")
+@click.option("--source-grid/--no-source-grid", default=None,
+              help="int8/int4 only: keep weights that already lie on a 4-bit or 8-bit grid (a GGUF source) exactly "
+                   "[default: on]; off rounds them again.")
 @click.option("--fuse/--no-fuse", default=None,
               help="Fuse attention into ONNX Runtime's CPU ops (GroupQueryAttention + RotaryEmbedding) "
                    "[default: on for int8/int4, off for fp32; fp16/int8-qdq stay standard-op for TensorRT; "
@@ -174,11 +183,12 @@ def _quiet_libraries() -> None:
               help="int8/int4 only: auto times the candidate kernels on this CPU (cached per machine) and takes the "
                    "fastest that passes the sanity bar; default skips the timing; a name forces that kernel.")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
-               atol: float | None, block_size: int | None, fuse: bool | None, exporter_name: str,
-               kernels: str) -> None:
+               atol: float | None, block_size: int | None, lm_head: str | None, algorithm: str | None,
+               source_grid: bool | None, fuse: bool | None, exporter_name: str, kernels: str) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
     folder = api.export(model_spec, precision, output, force=force, on_progress=print_progress, num_layers=num_layers,
-                        block_size=block_size, fuse=fuse, atol=atol, exporter=exporter_name, kernels=kernels)
+                        block_size=block_size, lm_head=lm_head, algorithm=algorithm, source_grid=source_grid,
+                        fuse=fuse, atol=atol, exporter=exporter_name, kernels=kernels)
     click.echo(f"wrote {folder.path}")
 
 

@@ -18,6 +18,7 @@ from aira_opt.core.errors import ExportFolderError
 from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS
 from aira_opt.exporting.portable import read_metadata
 from aira_opt.exporting.support import read_format, read_generation_config
+from aira_opt.precision.recipe import WeightOnlySettings
 from aira_opt.precision.variants import Variant, variant
 from aira_opt.source.prompts import PromptFormat
 
@@ -101,7 +102,9 @@ class Manifest:
     def label(self) -> str:
         """The variant's folder name ('int4-b128', 'fp32-fused'), plus 'via optimum' for another exporter's graph."""
         record = variant(self.precision)
-        return record.folder_name(self.block_size, self.fused) + (
+        settings = (WeightOnlySettings.from_record(self.quantization, record.weight_only)
+                    if record.weight_only is not None else None)
+        return record.folder_name(settings, self.fused) + (
             "" if self.exporter_name == DEFAULT_EXPORTER else f" via {self.exporter_name}")
 
     @property

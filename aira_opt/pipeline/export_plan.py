@@ -13,7 +13,7 @@ from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS, Exporter
 from aira_opt.folders import default_export_path
 from aira_opt.precision.kernels import KernelCandidate, candidates
 from aira_opt.precision.recipe import WeightOnlySettings
-from aira_opt.precision.variants import VARIANTS, Tolerance, Variant, exportable_names, source_variant, variant
+from aira_opt.precision.variants import RECIPE_OPTIONS, VARIANTS, Tolerance, Variant, exportable_names, source_variant, variant
 from aira_opt.source.models import check_spec, model_name
 
 KERNEL_MODES = ("auto", "default")  # time the candidates, or take the variant's default untimed
@@ -36,7 +36,7 @@ class ExportPlan:
     output: Path
     force: bool
     exporter: Exporter
-    settings: WeightOnlySettings | None  # MatMulNBits settings (int8/int4), block size applied
+    settings: WeightOnlySettings | None  # MatMulNBits settings (int8/int4), the user's recipe choices applied
     block_size: int | None  # as asked for (None: the variant's default)
     fused: bool
     tolerance: Tolerance  # the post-export sanity bar
@@ -46,16 +46,18 @@ class ExportPlan:
 
     @property
     def folder_name(self) -> str:
-        return self.variant.folder_name(self.block_size, self.fused)
+        return self.variant.folder_name(self.settings, self.fused)
 
 
 def plan_export(model: str = "aira-tiny", precision: str = "fp32", output: Path | str | None = None, *,
                 num_layers: int | None = None, force: bool = False, block_size: int | None = None,
+                lm_head: str | None = None, algorithm: str | None = None, source_grid: bool | None = None,
                 fuse: bool | None = None, atol: float | None = None, exporter: str = DEFAULT_EXPORTER,
                 kernels: str | None = None, reuse_fp32: bool | str | Path = True) -> ExportPlan:
     """Check every option and decide the export; nothing is loaded.
 
-    block_size: int8/int4 MatMulNBits block; fuse: None for the variant's default; atol: overrides the fp32
+    block_size: int8/int4 MatMulNBits block; lm_head: the output head's precision (int8, int4, float);
+    algorithm: rtn, hqq or gptq (int4); source_grid: keep weights already on a grid exactly; fuse: None for the variant's default; atol: overrides the fp32
     sanity bar's max |logit diff|; exporter: a key of export.exporters.EXPORTERS; kernels: 'auto' times the
     variant's kernel candidates on this CPU, 'default' skips that, a candidate's name forces it (None:
     $AIRA_OPT_KERNELS, else 'auto'); reuse_fp32: start from export/<model>/fp32 (True), from this fp32 export
@@ -68,15 +70,15 @@ def plan_export(model: str = "aira-tiny", precision: str = "fp32", output: Path 
     if record.recipe is None:
         raise OptionError(f"{precision} is made outside aira-opt; export one of {', '.join(exportable_names())}")
     check_spec(model, num_layers)
-    settings = record.settings(block_size)
+    settings = record.settings(block_size, lm_head, algorithm, source_grid)
     fused = record.fused(fuse)
     if atol is not None and atol <= 0:
         raise OptionError(f"--atol must be positive, got {atol}")
     tolerance = record.tolerance if atol is None else Tolerance(atol=atol, min_cosine=record.tolerance.min_cosine)
     kernels = kernels or os.environ.get("AIRA_OPT_KERNELS") or "auto"
-    options = _kernel_candidates(record, settings, block_size, kernels)
+    options = _kernel_candidates(record, settings, kernels)
     name = model_name(model, num_layers)
-    output = Path(output) if output is not None else default_export_path(name, record.folder_name(block_size, fused))
+    output = Path(output) if output is not None else default_export_path(name, record.folder_name(settings, fused))
     refuse_existing(output, force)
     if record.is_source_graph or reuse_fp32 is False:
         reuse = None
@@ -89,18 +91,21 @@ def plan_export(model: str = "aira-tiny", precision: str = "fp32", output: Path 
                       kernel_candidates=tuple(options), reuse_fp32=reuse)
 
 
-def _kernel_candidates(record: Variant, settings: WeightOnlySettings | None, block_size: int | None,
-                       kernels: str) -> list[KernelCandidate]:
+def _kernel_candidates(record: Variant, settings: WeightOnlySettings | None, kernels: str) -> list[KernelCandidate]:
     """The kernel candidates an export chooses from (none for variants without a choice); a --kernels name that
-    is not one of them is a one-line error."""
+    is not one of them is a one-line error. Recipe choices (block size, head, algorithm) rule out the kernels that
+    ignore them."""
     if not record.kernel_tuning or settings is None:
         if kernels not in KERNEL_MODES:
             tuned = [v.name for v in VARIANTS.values() if v.kernel_tuning]
             raise OptionError(f"--kernels {kernels} applies to --precision {' or '.join(tuned)} only")
         return []
-    options = candidates(record.kernel_candidates, settings, block_size is not None)
+    assert record.weight_only is not None, "a variant with kernel candidates has weight-only settings"
+    chosen = [option for option, field in RECIPE_OPTIONS.items()
+              if getattr(settings, field) != getattr(record.weight_only, field)]
+    options = candidates(record.kernel_candidates, settings, bool(chosen))
     if kernels not in (*KERNEL_MODES, *(c.name for c in options)):
         raise OptionError(f"--kernels {kernels} is not a choice for {record.name}"
-                          + (" with --block-size" if block_size is not None else "")
+                          + (f" with {', '.join(chosen)}" if chosen else "")
                           + f"; choose auto, default or {', '.join(c.name for c in options)}")
     return options

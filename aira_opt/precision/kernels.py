@@ -51,10 +51,11 @@ class KernelCandidate:
         return self.name + (f" {self.weight_only}" if self.weight_only else "")
 
 
-def candidates(names: tuple[str, ...], settings: WeightOnlySettings, block_size_given: bool) -> list[KernelCandidate]:
-    """The candidates a variant names (Variant.kernel_candidates), its default first. Block size is never a
-    candidate: it changes the quantization grid, so it stays the user's explicit accuracy-for-speed choice
-    (--block-size); with one given, dynamic int8 (no blocks) is out."""
+def candidates(names: tuple[str, ...], settings: WeightOnlySettings, recipe_chosen: bool) -> list[KernelCandidate]:
+    """The candidates a variant names (Variant.kernel_candidates), its default first. Block size, the head's bits
+    and the rounding algorithm are never candidates: they change the quantization grid, so they stay the user's
+    explicit accuracy-for-speed choices (--block-size, --lm-head, --algorithm); with one given, dynamic int8
+    (which has none of them) is out."""
     level = settings.accuracy_level
     made = {
         "matmulnbits": KernelCandidate("matmulnbits", f"MatMulNBits {settings.bits}-bit, block {settings.block_size}, "
@@ -68,7 +69,7 @@ def candidates(names: tuple[str, ...], settings: WeightOnlySettings, block_size_
     options = [made[name] for name in names]
     if level == 1:
         options = [c for c in options if c.name != "matmulnbits-fp32"]  # the default already computes in fp32
-    if block_size_given:
+    if recipe_chosen:
         options = [c for c in options if c.weight_only is not None]
     return options
 

@@ -36,6 +36,12 @@ def calibration_hash(sequences: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
 
 
+def calibration_record(sequences: list[list[int]]) -> dict[str, Any]:
+    """What the manifest says about calibration text (never the evaluation corpus)."""
+    return {"source": "aira_opt.corpus.calibration_questions()", "sequences": len(sequences),
+            "tokens": sum(map(len, sequences)), "sha256": calibration_hash(sequences)}
+
+
 class AiraCalibrationReader:
     """Feeds calibration prompts as prefill steps (past length 0), one at a time."""
 
@@ -89,8 +95,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, tokenizer: Any, contract: Deco
         "method": "static QDQ (onnxruntime.quantization.quantize_static)", "format": "QuantizeLinear/DequantizeLinear",
         "weights": "int8, symmetric, per output channel", "activations": "int8, symmetric, per tensor, MinMax",
         "quantized_nodes": len(nodes), "op_types": ["MatMul"], "smoothing": smoothing, "kept_fp32_matmuls": kept,
-        "calibration": {"source": "aira_opt.corpus.calibration_questions()", "sequences": len(sequences),
-                        "tokens": sum(map(len, sequences)), "sha256": calibration_hash(sequences)},
+        "calibration": calibration_record(sequences),
     }
 
 

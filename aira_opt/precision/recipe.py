@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,36 @@ class WeightOnlySettings:
     block_size: int
     symmetric: bool
     accuracy_level: int  # 4: int8 compute on the activations (fastest on x86), 0: fp32 compute
+    head_bits: int | None = None  # the output head's own bits (head.py); None: kept in float
+    algorithm: str = "rtn"  # one of ALGORITHMS: how onnxruntime's MatMulNBitsQuantizer picks each block's grid
+    source_grid: bool = True  # weights already on a grid (a GGUF source) keep it exactly (source_grid.py)
 
     def describe(self) -> dict[str, Any]:
         return {"method": "MatMulNBits weight-only (onnxruntime contrib op)", **asdict(self)}
+
+    def suffix(self, default: WeightOnlySettings) -> str:
+        """What a folder name adds for each choice that differs from the variant's default ('-b128-head4')."""
+        parts = [f"b{self.block_size}" if self.block_size != default.block_size else "",
+                 f"head{self.head_bits or 'float'}" if self.head_bits != default.head_bits else "",
+                 self.algorithm if self.algorithm != default.algorithm else "",
+                 "regrid" if self.source_grid != default.source_grid else ""]
+        return "".join(f"-{p}" for p in parts if p)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], default: WeightOnlySettings) -> WeightOnlySettings:
+        """The settings a manifest's `quantization` record names; fields it lacks (older exports) take the
+        values those exports had. A record of another kind (dynamic int8) gives the default."""
+        if "block_size" not in record:
+            return default
+        older = {"head_bits": None, "algorithm": "rtn", "source_grid": True}
+        return cls(**{f.name: record.get(f.name, older.get(f.name, getattr(default, f.name))) for f in fields(cls)})
+
+
+ALGORITHMS = {  # --algorithm: what onnxruntime's quantizer does per block
+    "rtn": "round to nearest (DefaultWeightOnlyQuantConfig)",
+    "hqq": "half-quadratic optimization of scale and zero point (HQQWeightOnlyQuantConfig; float zero points)",
+    "gptq": "GPTQ: error-compensating rounding over calibration activations (GPTQWeightOnlyQuantConfig)",
+}
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,15 @@ and add its noise twice. Written exactly instead:
     x @ W = MatMulNBits(x; q, scale, zero point 0) + blocksum(x) @ offset
 
 where blocksum(x) sums x over each block of K. The extra term reads one float per block and column.
-Weights not on such a grid (random or trained-in-float weights) are left to the ordinary quantizer.
+Weights on a symmetric 8-bit grid (Q8_0: `scale * q`, q in -127..127, the scale the block's largest magnitude
+over 127) go into 8-bit MatMulNBits as they are, with zero point 128 and no extra term; ONNX Runtime's own 8-bit
+rounding puts that largest magnitude on -128 instead, a different grid. Weights not on such a grid (random or
+trained-in-float weights) are left to the ordinary quantizer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 LEVELS = 16  # 4 bits
+SYMMETRIC_MAX = 127  # Q8_0: q in -127..127
 TOLERANCE = 1e-3  # in grid steps: how far a dequantized value may sit from its grid point (fp32 rounding)
 
 
@@ -49,6 +54,64 @@ def on_grid(weight: np.ndarray, block: int) -> GridWeight | None:
     return GridWeight(q.reshape(k, n).astype(np.uint8), scale.astype(np.float32), low.astype(np.float32), block)
 
 
+def on_symmetric_grid(weight: np.ndarray, block: int) -> GridWeight | None:
+    """The weight's symmetric 8-bit grid (q stored as q + 128, offset 0), or None when it is not on one."""
+    k, n = weight.shape
+    if k % block:
+        return None
+    blocks = weight.astype(np.float32).reshape(k // block, block, n)  # [K / block, block, N]
+    scale = np.abs(blocks).max(axis=1) / SYMMETRIC_MAX  # [K / block, N]
+    steps = blocks / np.where(scale > 0, scale, 1.0)[:, None, :]
+    q = np.rint(steps)
+    if not np.isfinite(steps).all() or np.abs(steps - q).max() > TOLERANCE:
+        return None
+    return GridWeight((q + 128).reshape(k, n).astype(np.uint8), scale.astype(np.float32),
+                      np.zeros_like(scale, dtype=np.float32), block)
+
+
+def store_symmetric_grids(model: onnx.ModelProto, accuracy_level: int, only: AbstractSet[str] | None = None
+                          ) -> list[str]:
+    """Rewrite every weight MatMul (those in `only` when given) whose weight lies on a symmetric 8-bit
+    grid into 8-bit MatMulNBits, in place. Returns the names of the MatMuls rewritten."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    stored: list[str] = []
+    for index, node in enumerate(list(graph.node)):
+        if not _selected(node, inits, only):
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        grid = on_symmetric_grid(weight, 32) if weight.ndim == 2 else None
+        if grid is None:
+            continue
+        k, n = weight.shape
+        name = node.name or node.output[0]
+        q = grid.q.T.reshape(n, k // grid.block, grid.block)  # [N, K / block, block]
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(q), f"{name}_grid_q"),
+            numpy_helper.from_array(np.ascontiguousarray(grid.scale.T).reshape(-1), f"{name}_grid_scales"),
+            numpy_helper.from_array(np.full(n * (k // grid.block), 128, dtype=np.uint8), f"{name}_grid_zero_points")])
+        graph.node[index].CopyFrom(helper.make_node(
+            "MatMulNBits", [node.input[0], f"{name}_grid_q", f"{name}_grid_scales", f"{name}_grid_zero_points"],
+            list(node.output), name=f"{name}_grid", domain="com.microsoft", K=k, N=n, bits=8,
+            block_size=grid.block, accuracy_level=accuracy_level))
+        stored.append(name)
+        _drop_unread(graph, node.input[1])
+    if stored and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return stored
+
+
+def _selected(node: onnx.NodeProto, inits: dict, only: AbstractSet[str] | None) -> bool:
+    return node.op_type == "MatMul" and node.input[1] in inits and (only is None or node.name in only)
+
+
+def _drop_unread(graph: onnx.GraphProto, name: str) -> None:
+    if not any(name in n.input for n in graph.node):
+        for k in reversed(range(len(graph.initializer))):
+            if graph.initializer[k].name == name:
+                del graph.initializer[k]
+
+
 def pack_matmul_nbits(grid: GridWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MatMulNBits' layout: B [N, K / block, block / 2] (two values a byte, low nibble first), scales [N, K / block],
     zero points [N, ceil(K / block / 2)] all 0."""
@@ -60,9 +123,11 @@ def pack_matmul_nbits(grid: GridWeight) -> tuple[np.ndarray, np.ndarray, np.ndar
     return packed, np.ascontiguousarray(grid.scale.T), zero_points
 
 
-def store_source_grids(model: onnx.ModelProto, accuracy_level: int) -> list[str]:
-    """Rewrite every weight MatMul whose weight lies on a 4-bit grid into the exact form above, in place.
-    Returns the names of the offset MatMuls it added (the ordinary quantizer must leave them alone)."""
+def store_source_grids(model: onnx.ModelProto, accuracy_level: int, only: AbstractSet[str] | None = None
+                       ) -> list[str]:
+    """Rewrite every weight MatMul (those in `only` when given) whose weight lies on a 4-bit grid into the
+    exact form above, in place. Returns the names of the offset MatMuls it added (the ordinary quantizer must
+    leave them alone)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     offset_matmuls: list[str] = []
@@ -71,7 +136,7 @@ def store_source_grids(model: onnx.ModelProto, accuracy_level: int) -> list[str]
     blocksums: dict[str, str] = {}  # activation -> its block sums, shared by matmuls reading the same input
     used: set[str] = set()
     for index, node in enumerate(nodes):
-        if node.op_type != "MatMul" or node.input[1] not in inits:
+        if not _selected(node, inits, only):
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
         grid = on_grid(weight, 32) if weight.ndim == 2 else None

@@ -16,7 +16,7 @@ from aira_opt.core.errors import AiraOptError, OptionError
 from aira_opt.precision.cuda import fp16_cuda_recipe, int4_cuda_recipe
 from aira_opt.precision.fp16 import fp16_recipe
 from aira_opt.precision.qdq import qdq_recipe
-from aira_opt.precision.recipe import Recipe, WeightOnlySettings, as_exported
+from aira_opt.precision.recipe import ALGORITHMS, Recipe, WeightOnlySettings, as_exported
 from aira_opt.precision.weight_only import weight_only_recipe
 
 
@@ -48,6 +48,9 @@ class Thresholds:
 
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes we offer: powers of two
+HEAD_BITS = {"int8": 8, "int4": 4, "float": None}  # --lm-head: the output head's bits (precision/head.py)
+RECIPE_OPTIONS = {"--block-size": "block_size", "--lm-head": "head_bits", "--algorithm": "algorithm",
+                  "--source-grid": "source_grid"}  # export's recipe options -> the WeightOnlySettings field each sets
 
 
 @dataclass(frozen=True)
@@ -83,24 +86,43 @@ class Variant:
                               "and stays standard-op")
         return self.fused_by_default if requested is None else requested
 
-    def settings(self, block_size: int | None) -> WeightOnlySettings | None:
-        """The weight-only settings with an optional block size; the one place the block-size rule lives."""
-        if block_size is None:
+    def settings(self, block_size: int | None = None, lm_head: str | None = None, algorithm: str | None = None,
+                 source_grid: bool | None = None) -> WeightOnlySettings | None:
+        """The weight-only settings with the recipe choices a user made (None: the variant's default); the one
+        place their rules live."""
+        given = dict(zip(RECIPE_OPTIONS, (block_size, lm_head, algorithm, source_grid)))
+        if all(v is None for v in given.values()):
             return self.weight_only
         if self.weight_only is None:
             names = weight_only_names()
-            raise OptionError(f"--block-size applies to --precision {', '.join(names[:-1])} or {names[-1]} only")
-        if block_size not in BLOCK_SIZES:
+            option = next(k for k, v in given.items() if v is not None)
+            raise OptionError(f"{option} applies to --precision {', '.join(names[:-1])} or {names[-1]} only")
+        if block_size is not None and block_size not in BLOCK_SIZES:
             raise OptionError(f"--block-size must be a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]}, "
                               f"got {block_size}")
-        return replace(self.weight_only, block_size=block_size)
+        if lm_head is not None and lm_head not in HEAD_BITS:
+            raise OptionError(f"--lm-head must be one of {', '.join(HEAD_BITS)}, got {lm_head}")
+        if algorithm is not None and algorithm not in ALGORITHMS:
+            raise OptionError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm}")
+        if algorithm in ("hqq", "gptq") and self.weight_only.bits != 4:
+            raise OptionError(f"--algorithm {algorithm} is a 4-bit algorithm; {self.name} rounds to nearest")
+        changes: dict[str, object] = {}
+        if block_size is not None:
+            changes["block_size"] = block_size
+        if lm_head is not None:
+            changes["head_bits"] = HEAD_BITS[lm_head]
+        if algorithm is not None:
+            changes["algorithm"] = algorithm
+        if source_grid is not None:
+            changes["source_grid"] = source_grid
+        return replace(self.weight_only, **changes)
 
-    def folder_name(self, block_size: int | None = None, fused: bool | None = None) -> str:
+    def folder_name(self, settings: WeightOnlySettings | None = None, fused: bool | None = None) -> str:
         """The folder/row name: the precision plus whatever differs from its defaults
         (int4 block 128 -> 'int4-b128', fused fp32 -> 'fp32-fused', unfused int4 -> 'int4-unfused')."""
         name = self.name
-        if block_size is not None and (self.weight_only is None or block_size != self.weight_only.block_size):
-            name += f"-b{block_size}"
+        if settings is not None and self.weight_only is not None:
+            name += settings.suffix(self.weight_only)
         if fused is not None and fused != self.fused_by_default:
             name += "-fused" if fused else "-unfused"
         return name
@@ -112,7 +134,9 @@ ORT_CUDA = "ONNX Runtime CUDA (fused: GroupQueryAttention, RotaryEmbedding, Skip
 INT8_THRESHOLDS = Thresholds(min_greedy_fraction=0.0, min_top1=0.95, max_perplexity_ratio=1.05)
 FP16_THRESHOLDS = Thresholds(min_greedy_fraction=7 / 8, min_top1=0.99)
 INT4_THRESHOLDS = Thresholds(min_greedy_fraction=0.0, min_top1=0.90, max_perplexity_ratio=1.10)
-INT4_SETTINGS = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4)
+# The head in 8 bits (precision/head.py): it is most of a step's bytes on small models with large vocabularies,
+# and its 4-bit rounding moves the logits most (benchmarks/notes: quality against speed).
+INT4_SETTINGS = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4, head_bits=8)
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp32", "any ONNX runtime; standard ops (fused on request: ONNX Runtime CPU)", as_exported,
@@ -129,7 +153,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # int8: MatMulNBits 8-bit or dynamic int8 (MatMulInteger), whichever times faster on the exporting machine
     # (kernels.py); both are measured in benchmarks/README.md.
     Variant("int8", ORT_CPU, weight_only_recipe, Tolerance(min_cosine=0.98), INT8_THRESHOLDS,
-            weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=False, accuracy_level=4),
+            weight_only=WeightOnlySettings(bits=8, block_size=32, symmetric=False, accuracy_level=4, head_bits=8),
             fusable=True, fused_by_default=True, kernel_candidates=("matmulnbits", "matmulnbits-fp32", "dynamic"),
             web_dtype="q8"),
     # int4: block 32 with int8 compute, as onnxruntime-genai's int4 default; decode is memory-bound. Weights
@@ -141,7 +165,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS,
             fusable=True, fused_by_default=True, dtype="float16", cuda=True),
     Variant("int4-cuda", ORT_CUDA + "; MatMulNBits with fp16 activations", int4_cuda_recipe,
-            Tolerance(min_cosine=0.95), INT4_THRESHOLDS, weight_only=INT4_SETTINGS, fusable=True, fused_by_default=True,
+            Tolerance(min_cosine=0.95), INT4_THRESHOLDS, weight_only=replace(INT4_SETTINGS, head_bits=None), fusable=True, fused_by_default=True,
             dtype="float16", cuda=True),
     # optimum's dynamic int8 (benchmarks/optimum_int8.py makes it): checked and benched, not exported by us.
     Variant("int8-dynamic", "ONNX Runtime CPU (MatMulInteger, optimum's recipe)", None, Tolerance(min_cosine=0.98),
@@ -177,7 +201,7 @@ def variant(name: str) -> Variant:
 def variant_name(precision: str, block_size: int | None = None, fused: bool | None = None) -> str:
     """Variant.folder_name for a precision by name (a name without a record passes through unchanged)."""
     record = VARIANTS.get(precision)
-    return record.folder_name(block_size, fused) if record else precision
+    return record.folder_name(record.settings(block_size), fused) if record else precision
 
 
 def source_variant() -> Variant:

@@ -4,55 +4,103 @@ it measured faster (kernels.py), dynamic int8 (dynamic_int8.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from aira_opt.core.contract import DecoderContract
 from aira_opt.exporting.onnx_files import save_model
+from aira_opt.exporting.support import model_format
 from aira_opt.precision.dynamic_int8 import dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.graph import weight_matmuls
+from aira_opt.precision.head import untie_head
+from aira_opt.precision.qdq import AiraCalibrationReader, calibration_record, calibration_sequences
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
-from aira_opt.precision.source_grid import store_source_grids
+from aira_opt.precision.source_grid import store_source_grids, store_symmetric_grids
 
 
-def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_config: Any | None = None
-                   ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any] | None]:
+def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_config: Any | None = None,
+                   calibration: Any | None = None) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any] | None]:
     """MatMulNBits over every weight MatMul; with a config, attention is fused and projections packed first
     (the quantizer leaves the fused nodes alone and quantizes the packed weights like any other). At 4 bits,
     weights already on a 4-bit grid keep it exactly (source_grid.py) instead of being rounded a second time.
-    Returns the quantized model, the quantization record and the fusion record (None when not fused)."""
+    calibration: a CalibrationDataReader (GPTQ only). Returns the quantized model, the quantization record and
+    the fusion record (None when not fused)."""
+    fusion = fuse_and_pack(model, fuse_config) if fuse_config is not None else None
+    head = untie_head(model) if settings.head_bits is not None else None
+    quantizable = len(weight_matmuls(model))
+    exact: list[str] = []
+    if head is not None and settings.head_bits != settings.bits:  # the head first, at its own bits
+        if settings.source_grid:
+            exact += _source_grids(model, settings.head_bits, settings.accuracy_level, only={head})[0]
+        model = _nbits(model, settings.head_bits, settings,
+                       exclude=[n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head])
+    grids = settings.source_grid and settings.algorithm != "gptq"  # GPTQ would round the grids' offsets too
+    layers_exact, offsets = _source_grids(model, settings.bits, settings.accuracy_level) if grids else ([], [])
+    model = _nbits(model, settings.bits, settings, exclude=offsets, calibration=calibration)
+    quantization = {**settings.describe(), "quantized_nodes": quantizable,
+                    "source_grid_nodes": len(exact) + len(layers_exact),
+                    "head": f"{settings.head_bits}-bit" if head is not None else "float (not quantized)"}
+    return model, quantization, fusion
+
+
+def _source_grids(model: onnx.ModelProto, bits: int, accuracy_level: int,
+                  only: AbstractSet[str] | None = None) -> tuple[list[str], list[str]]:
+    """Weights already on a grid of `bits` stored exactly (source_grid.py): the MatMuls stored so, and the offset
+    MatMuls added (the quantizer must leave them alone)."""
+    if bits == 8:
+        return store_symmetric_grids(model, accuracy_level, only=only), []
+    offsets = store_source_grids(model, accuracy_level, only=only)
+    return [o.removesuffix("_grid_offset_matmul") for o in offsets], offsets
+
+
+def _nbits(model: onnx.ModelProto, bits: int, settings: WeightOnlySettings, exclude: list[str],
+           calibration: Any | None = None) -> onnx.ModelProto:
+    """onnxruntime's MatMulNBitsQuantizer over every weight MatMul not excluded; the settings' algorithm where it
+    applies (HQQ and GPTQ are 4-bit; an 8-bit head is rounded to nearest)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    fusion = fuse_and_pack(model, fuse_config) if fuse_config is not None else None
-    quantizable = len(weight_matmuls(model))
-    kept_grid = store_source_grids(model, settings.accuracy_level) if settings.bits == 4 else []
-    config = nbits.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
-                                                accuracy_level=settings.accuracy_level, bits=settings.bits)
-    quantizer = nbits.MatMulNBitsQuantizer(model, bits=settings.bits, block_size=settings.block_size,
+    algorithm = settings.algorithm if bits == 4 else "rtn"
+    if algorithm == "hqq":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=bits)
+    elif algorithm == "gptq":
+        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration, block_size=settings.block_size)
+    else:
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
+                                                    accuracy_level=settings.accuracy_level, bits=bits)
+    quantizer = nbits.MatMulNBitsQuantizer(model, bits=bits, block_size=settings.block_size,
                                            is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
-                                           algo_config=config, nodes_to_exclude=kept_grid)
+                                           algo_config=config, nodes_to_exclude=exclude)
     quantizer.process()
-    quantization = {**settings.describe(), "quantized_nodes": quantizable, "source_grid_nodes": len(kept_grid)}
-    return quantizer.model.model, quantization, fusion
+    return quantizer.model.model
 
 
 def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings,
-                         fuse_config: Any | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                         fuse_config: Any | None = None, calibration: Any | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """quantize_model from file to file; returns the quantization and fusion records."""
-    model, quantization, fusion = quantize_model(onnx.load(str(fp32_path)), settings, fuse_config)
+    model, quantization, fusion = quantize_model(onnx.load(str(fp32_path)), settings, fuse_config, calibration)
     save_model(model, out_path)
     return quantization, fusion
 
 
 def weight_only_recipe(job: RecipeInput) -> RecipeOutput:
-    """MatMulNBits with the job's settings, or dynamic int8 where the kernel choice (kernels.py) says so."""
+    """MatMulNBits with the job's settings, or dynamic int8 where the kernel choice (kernels.py) says so. GPTQ
+    calibrates on the prompt-format calibration set (qdq.py), recorded in the manifest."""
     assert job.weight_only is not None, "a weight-only variant always has its settings"
     source = job.fp32_graph()
     fuse_config = job.loaded.config if job.fused else None
     if job.dynamic_int8:
         quantization, fusion = dynamic_int8(onnx.load(str(source.path)), job.output, fuse_config)
-    else:
-        quantization, fusion = quantize_weight_only(source.path, job.output, job.weight_only, fuse_config)
-    return RecipeOutput(quantization=quantization, fusion=fusion, kept_fp32="all non-MatMul compute")
+        return RecipeOutput(quantization=quantization, fusion=fusion, kept_fp32="all non-MatMul compute")
+    calibration, calibrated = None, {}
+    if job.weight_only.algorithm == "gptq":
+        sequences = calibration_sequences(job.loaded.tokenizer, model_format(job.loaded))
+        calibration = AiraCalibrationReader(sequences, DecoderContract.from_config(job.loaded.config))
+        calibrated = {"calibration": calibration_record(sequences)}
+    quantization, fusion = quantize_weight_only(source.path, job.output, job.weight_only, fuse_config, calibration)
+    return RecipeOutput(quantization={**quantization, **calibrated}, fusion=fusion,
+                        kept_fp32="all non-MatMul compute" + ("" if job.weight_only.head_bits else " and the head"))
