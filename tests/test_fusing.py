@@ -16,7 +16,7 @@ from aira_opt.cli import main
 from aira_opt.core.contract import DecoderContract
 from aira_opt.precision.fusing import FusionError, fuse_attention
 from aira_opt.generation.generator import generate
-from aira_opt.precision.variants import variant_name
+from aira_opt.precision.variants import VARIANTS, variant_name
 from aira_opt.source.prompts import prompt_ids
 from aira_opt.core.contract import position_ids_from_mask
 from aira_opt.runtime.ort import OrtDecoder
@@ -134,6 +134,21 @@ def test_variant_names_say_what_differs_from_the_precision_default():
     assert variant_name("int4", None, False) == "int4-unfused"
     assert variant_name("fp32", None, True) == "fp32-fused" and variant_name("fp32", None, False) == "fp32"
     assert variant_name("int8-dynamic", None, False) == "int8-dynamic"
+    int4 = VARIANTS["int4"]
+    assert int4.folder_name(int4.settings(lm_head="int4")) == "int4-head4"
+    assert int4.folder_name(int4.settings(128, "float", "gptq", False)) == "int4-b128-headfloat-gptq-regrid"
+    assert int4.folder_name(int4.settings(lm_head="int8", algorithm="rtn", source_grid=True)) == "int4"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "fp16", "--lm-head", "int4"], "--lm-head applies to --precision int8, int4 or int4-cuda only"),
+    (["--precision", "int8", "--algorithm", "hqq"], "--algorithm hqq is a 4-bit algorithm"),
+    (["--precision", "int8", "--lm-head", "float", "--kernels", "dynamic"], "not a choice for int8 with --lm-head"),
+])
+def test_recipe_options_that_do_not_apply_are_one_line_errors(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["export", "--output", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_fused_graph_writes_a_preallocated_cache_in_place_and_matches_the_growing_cache(tiny, tiny_fused):

@@ -1,5 +1,5 @@
-"""The two recipe parts that real weights needed (benchmarks/README.md, "Real weights"): a 4-bit source grid kept
-exactly, and SmoothQuant before Q/DQ. Each is held to plain numpy on small graphs run in ONNX Runtime."""
+"""The recipe parts that real weights needed (benchmarks/README.md, "Real weights"): a 4-bit or 8-bit source grid
+kept exactly, the output head quantized on its own, and SmoothQuant before Q/DQ. Each is held to plain numpy on small graphs run in ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from aira_opt.precision.recipe import WeightOnlySettings
 from aira_opt.precision.smoothing import smooth, smooth_groups
-from aira_opt.precision.source_grid import on_grid, store_source_grids
+from aira_opt.precision.source_grid import on_grid, store_source_grids, store_symmetric_grids
+from aira_opt.precision.weight_only import quantize_model
 
 K, N, H = 64, 48, 96
 
@@ -126,3 +129,60 @@ def test_int8_qdq_smooths_and_keeps_down_proj_fp32(tiny_variants):
     dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     down = [n for n in model.graph.node if n.name in quantization["kept_fp32_matmuls"]]
     assert down and not any(i in dequantized for n in down for i in n.input)
+
+
+def q8_0_weight(rng: np.random.Generator) -> np.ndarray:
+    """What transformers makes of a Q8_0 GGUF tensor: per block of 32 along K, W = d q with q in -127..127 and
+    the block's largest magnitude on 127."""
+    q = rng.integers(-127, 128, (K, N))
+    q[0::32] = 127
+    d = rng.uniform(1e-4, 1e-3, (K // 32, N)).astype(np.float16).astype(np.float32)
+    return (np.repeat(d, 32, 0) * q).astype(np.float32)  # [K, N]
+
+
+def test_a_q8_0_grid_is_stored_exactly_in_8_bit_matmulnbits():
+    rng = np.random.default_rng(2)
+    weight = q8_0_weight(rng)
+    model = matmul_model(weight)
+    assert store_symmetric_grids(model, accuracy_level=0) == ["proj"]
+    onnx.checker.check_model(model)
+    (node,) = model.graph.node
+    assert node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["bits"] == 8
+    x = rng.normal(size=(1, 5, K)).astype(np.float32)
+    (y,) = run(model, x=x)
+    assert np.abs(y - x @ weight).max() < 1e-4 * np.abs(x @ weight).max()
+    assert store_symmetric_grids(matmul_model(q4_1_weight(rng)), 0) == []  # an affine grid is not symmetric
+
+
+def tied_head_model(embedding: np.ndarray) -> onnx.ModelProto:
+    """ids -> Gather(E) -> MatMul(Transpose(E)) -> logits: a tied head as the exporter writes it."""
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h"]),
+             helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "E_t"], ["logits"], name="/lm_head/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, embedding.shape[0]])],
+                              [numpy_helper.from_array(embedding, "E")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("head_bits", [8, 4, None])
+def test_a_tied_head_is_quantized_at_its_own_bits_and_the_embedding_stays(head_bits):
+    rng = np.random.default_rng(3)
+    embedding = rng.normal(0, 0.05, (N * 4, K)).astype(np.float32)  # [V, H]
+    ids = rng.integers(0, N * 4, (1, 7))
+    (reference,) = run(tied_head_model(embedding), input_ids=ids)
+    settings = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4, head_bits=head_bits)
+    model, record, _ = quantize_model(tied_head_model(embedding), settings)
+    onnx.checker.check_model(model)
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    assert gather.input[0] == "E"  # the embedding rows a prompt reads stay as they were
+    if head_bits is None:
+        assert head.op_type == "MatMul" and record["head"].startswith("float")
+        assert [n.op_type for n in model.graph.node].count("Transpose") == 1  # still tied: one copy on disk
+    else:
+        assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == head_bits
+        assert record["head"] == f"{head_bits}-bit" and "Transpose" not in [n.op_type for n in model.graph.node]
+    (logits,) = run(model, input_ids=ids)
+    cosine = (logits * reference).sum() / np.linalg.norm(logits) / np.linalg.norm(reference)
+    assert cosine > {8: 0.999, 4: 0.98, None: 0.999999}[head_bits]
