@@ -209,8 +209,8 @@ def export(model: str = "aira-tiny", precision: str = "fp32", output: str | Path
            force: bool = False, on_progress: ProgressCallback | None = None, **options: Any) -> ExportFolder:
     """Export `model` (a --model spec) as `precision` into `output` (default export/<model>/<variant>),
     validated against PyTorch; returns the finished folder. options: those of `plan_export` (num_layers,
-    block_size, lm_head, algorithm, source_grid, fuse, atol, exporter, kernels, reuse_fp32). on_progress: called with each aira_opt.core.progress
-    event."""
+    block_size, lm_head, algorithm, source_grid, fuse, atol, min_cosine, exporter, kernels, reuse_fp32).
+    on_progress: called with each aira_opt.core.progress event."""
     return run_export(plan_export(model, precision, output, force=force, **options), on_progress=on_progress)
 
 

@@ -160,6 +160,9 @@ def _quiet_libraries() -> None:
               help="Output folder [default: export/<model>/<precision>].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--atol", type=float, default=None, help="Max |logit diff| vs PyTorch accepted by the fp32 validation.")
+@click.option("--min-cosine", type=float, default=None,
+              help="Lower the post-export sanity bar (min cosine of the logits vs PyTorch) for a recipe you know is "
+                   "lossy; `aira-opt eval` then measures the loss.")
 @click.option("--block-size", type=int, default=None,
               help=f"int8/int4 only: weights per quantization block, one of {', '.join(map(str, BLOCK_SIZES))} "
                    "[default: 32; 128 is faster, less exact].")
@@ -183,12 +186,13 @@ def _quiet_libraries() -> None:
               help="int8/int4 only: auto times the candidate kernels on this CPU (cached per machine) and takes the "
                    "fastest that passes the sanity bar; default skips the timing; a name forces that kernel.")
 def export_cmd(model_spec: str, num_layers: int | None, precision: str, output: Path | None, force: bool,
-               atol: float | None, block_size: int | None, lm_head: str | None, algorithm: str | None,
-               source_grid: bool | None, fuse: bool | None, exporter_name: str, kernels: str) -> None:
+               atol: float | None, min_cosine: float | None, block_size: int | None, lm_head: str | None,
+               algorithm: str | None, source_grid: bool | None, fuse: bool | None, exporter_name: str,
+               kernels: str) -> None:
     """Export a model to ONNX with KV cache, validated against PyTorch."""
     folder = api.export(model_spec, precision, output, force=force, on_progress=print_progress, num_layers=num_layers,
                         block_size=block_size, lm_head=lm_head, algorithm=algorithm, source_grid=source_grid,
-                        fuse=fuse, atol=atol, exporter=exporter_name, kernels=kernels)
+                        fuse=fuse, atol=atol, min_cosine=min_cosine, exporter=exporter_name, kernels=kernels)
     click.echo(f"wrote {folder.path}")
 
 

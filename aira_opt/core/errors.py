@@ -38,9 +38,10 @@ class ExportFolderError(AiraOptError):
 class ValidationError(AiraOptError):
     """Numerical validation against PyTorch failed; the message lists every mismatch."""
 
-    def __init__(self, mismatches: list[str]):
+    def __init__(self, mismatches: list[str], hint: str = ""):
         self.mismatches = mismatches
-        super().__init__(f"validation failed ({len(mismatches)} mismatch(es)): " + "; ".join(mismatches))
+        super().__init__(f"validation failed ({len(mismatches)} mismatch(es)): " + "; ".join(mismatches)
+                         + (f" ({hint})" if hint else ""))
 
 
 class ProviderUnavailableError(AiraOptError):

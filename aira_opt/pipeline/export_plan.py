@@ -4,7 +4,7 @@ CLI and the Python API both plan this way, so a bad option is one line before a 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aira_opt.core.artifacts import refuse_existing
@@ -52,14 +52,16 @@ class ExportPlan:
 def plan_export(model: str = "aira-tiny", precision: str = "fp32", output: Path | str | None = None, *,
                 num_layers: int | None = None, force: bool = False, block_size: int | None = None,
                 lm_head: str | None = None, algorithm: str | None = None, source_grid: bool | None = None,
-                fuse: bool | None = None, atol: float | None = None, exporter: str = DEFAULT_EXPORTER,
-                kernels: str | None = None, reuse_fp32: bool | str | Path = True) -> ExportPlan:
+                fuse: bool | None = None, atol: float | None = None, min_cosine: float | None = None,
+                exporter: str = DEFAULT_EXPORTER, kernels: str | None = None,
+                reuse_fp32: bool | str | Path = True) -> ExportPlan:
     """Check every option and decide the export; nothing is loaded.
 
     block_size: int8/int4 MatMulNBits block; lm_head: the output head's precision (int8, int4, float);
-    algorithm: rtn, hqq or gptq (int4); source_grid: keep weights already on a grid exactly; fuse: None for the variant's default; atol: overrides the fp32
-    sanity bar's max |logit diff|; exporter: a key of export.exporters.EXPORTERS; kernels: 'auto' times the
-    variant's kernel candidates on this CPU, 'default' skips that, a candidate's name forces it (None:
+    algorithm: rtn, hqq or gptq (int4); source_grid: keep weights already on a grid exactly; fuse: None for the
+    variant's default; atol: overrides the fp32 sanity bar's max |logit diff|; min_cosine: overrides the sanity
+    bar's min cosine (a recipe known to be lossy); exporter: a key of export.exporters.EXPORTERS; kernels: 'auto'
+    times the variant's kernel candidates on this CPU, 'default' skips that, a candidate's name forces it (None:
     $AIRA_OPT_KERNELS, else 'auto'); reuse_fp32: start from export/<model>/fp32 (True), from this fp32 export
     folder (a path), or never (False), where the folder matches the model."""
     if exporter not in EXPORTERS:
@@ -74,7 +76,10 @@ def plan_export(model: str = "aira-tiny", precision: str = "fp32", output: Path 
     fused = record.fused(fuse)
     if atol is not None and atol <= 0:
         raise OptionError(f"--atol must be positive, got {atol}")
-    tolerance = record.tolerance if atol is None else Tolerance(atol=atol, min_cosine=record.tolerance.min_cosine)
+    if min_cosine is not None and not -1 <= min_cosine <= 1:
+        raise OptionError(f"--min-cosine must be in [-1, 1], got {min_cosine}")
+    tolerance = replace(record.tolerance, **{k: v for k, v in (("atol", atol), ("min_cosine", min_cosine))
+                                             if v is not None})
     kernels = kernels or os.environ.get("AIRA_OPT_KERNELS") or "auto"
     options = _kernel_candidates(record, settings, kernels)
     name = model_name(model, num_layers)

@@ -94,7 +94,9 @@ def run_export(plan: ExportPlan, on_progress: ProgressCallback | None = None,
                         report = validate_export(loaded, ExportFolder(tmp), plan.tolerance, enforce=enforce)
                     except ValidationError as exc:
                         if attempt is None or attempt.same_numerics or attempt is attempts[-1]:
-                            raise
+                            if record.is_source_graph:
+                                raise
+                            raise ValidationError(exc.mismatches, LOSSY_HINT) from None
                         rejected[attempt.name] = exc.message.splitlines()[0]
                         steps.note(f"{attempt.name} missed the sanity bar ({rejected[attempt.name]}); trying the "
                                    "next fastest kernels")
@@ -136,6 +138,10 @@ def _choose_kernels(plan: ExportPlan, tuning: list[KernelCandidate], loaded: Loa
             f"{c.name} {times[c.name]['request_ms']:.1f} ms" for c in choice.ordered)
             + (" (cached)" if choice.record["from_cache"] else ""))
     return choice
+
+
+LOSSY_HINT = ("for a recipe you know loses this much, --min-cosine lowers the sanity bar; "
+              "`aira-opt eval` measures the loss on real text")
 
 
 def _apply_recipe(plan: ExportPlan, loaded: LoadedModel, tmp: Path, source: Fp32Source, reuse: Path | None,
