@@ -238,12 +238,15 @@ def check(folder: FolderLike, *, model: str | None = None, prompts: Sequence[str
 def evaluate(*, onnx: Sequence[str | Path] = (), gguf: Sequence[str | Path] = (), genai: Sequence[str | Path] = (),
              model: str | None = None, corpus: str = LANGUAGE_REFERENCE, window: int = 512,
              stride: int = 256, max_tokens: int | None = None, threads: int | None = None, quiet: bool = True,
-             on_skip: Callable[[str], None] | None = None) -> dict[str, Any]:
+             on_skip: Callable[[str], None] | None = None, openvino: Sequence[str | Path] = (),
+             openvino_python: str | None = None) -> dict[str, Any]:
     """`aira-opt eval`: each file's quality on real held-out text against PyTorch fp32 on the source model (the
     first export's, or `model`): perplexity, KL divergence (mean, p99) and top-1 agreement, the same token ids for
-    every format. A file whose runtime is missing is listed under `skipped` with the reason."""
+    every format. openvino: IR folders, run by optimum-intel under `openvino_python` (its own environment). A
+    file whose runtime is missing is listed under `skipped` with the reason."""
     return evaluate_files([Path(p) for p in onnx], [Path(p) for p in gguf], [Path(p) for p in genai], model, corpus,
-                          Windows(window, stride), max_tokens, threads, quiet, on_skip)
+                          Windows(window, stride), max_tokens, threads, quiet, on_skip,
+                          [Path(p) for p in openvino], openvino_python)
 
 
 def save_web(folder: FolderLike, output: str | Path, *, force: bool = False) -> Path:
@@ -275,10 +278,12 @@ def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines:
           batch_sizes: Sequence[int] = (1,), warmup: int = 1, repeats: int = 3, threads: int | None = None,
           provider: str = "cpu", optimum_python: str | None = None,
           on_progress: Callable[[str], None] | None = None, speculative: str | None = None,
-          draft: str | Path | None = None, num_speculative_tokens: int | None = None) -> dict[str, Any]:
+          draft: str | Path | None = None, num_speculative_tokens: int | None = None,
+          openvino: Sequence[str | Path] = (), openvino_python: str | None = None) -> dict[str, Any]:
     """`aira-opt bench`: every backend on the same seeded token ids, each in its own process; returns the record
     `bench --json` writes (machine, settings, results, skipped). speculative ("ngram", or "draft" with `draft`):
-    each export also gets an `ort` row that speculates."""
+    each export also gets an `ort` row that speculates. openvino: IR folders for the openvino backend, run under
+    `openvino_python` (its own environment)."""
     if new_tokens < 2 or not prompt_lengths or not batch_sizes or min(*prompt_lengths, *batch_sizes) < 1:
         raise OptionError("bench needs new_tokens >= 2 and positive prompt lengths and batch sizes")
     speculation = speculation_from(speculative, num_speculative_tokens, draft is not None)
@@ -286,7 +291,8 @@ def bench(model: str = "aira-tiny", *, onnx: Sequence[str | Path] = (), engines:
                            [Path(p) for p in genai], [Path(p) for p in gguf], provider, optimum_python,
                            speculative=speculation.method if speculation else None,
                            draft_dir=Path(draft) if draft is not None else None,
-                           num_speculative_tokens=num_speculative_tokens)
+                           num_speculative_tokens=num_speculative_tokens,
+                           openvino_dirs=[Path(p) for p in openvino], openvino_python=openvino_python)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     report = run_bench_jobs(sources, list(backends), settings, warmup, repeats, threads, progress=on_progress)
     return report_json(report)

@@ -56,6 +56,22 @@ threads_option = click.option("--threads", type=click.IntRange(min=1), default=N
                               help="ONNX Runtime intra-op threads (default: all cores).")
 
 
+def openvino_options(command: Any) -> Any:
+    """--openvino DIR (repeatable) and --openvino-python FILE, the same for eval and bench."""
+    for option in reversed([
+        click.option("--openvino", "openvino_dirs", multiple=True,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="An OpenVINO IR folder (optimum-cli export openvino), run by OpenVINO (repeat for "
+                          "several)."),
+        click.option("--openvino-python", type=click.Path(exists=True, dir_okay=False), default=None,
+                     envvar="AIRA_OPT_OPENVINO_PYTHON",
+                     help="The python of a virtual environment with openvino-genai and optimum-intel [default: "
+                          "this one, when openvino imports here]."),
+    ]):
+        command = option(command)
+    return command
+
+
 def speculation_options(command: Any) -> Any:
     """--speculative, --speculative-draft and --num-speculative-tokens, the same wherever tokens are decoded."""
     for option in reversed([
@@ -379,20 +395,22 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> list[in
               envvar="AIRA_OPT_OPTIMUM_PYTHON",
               help="The python of a virtual environment with `aira-opt[optimum]` (transformers 4.57), which runs the "
                    "optimum backend [default: this environment, when optimum imports here].")
+@openvino_options
 @speculation_options
 def bench_cmd(model_spec: str, num_layers: int | None, onnx_dirs: tuple[Path, ...], engines: tuple[Path, ...],
               genai_dirs: tuple[Path, ...], gguf_files: tuple[Path, ...], backends: str, prompt_lengths: list[int],
               new_tokens: int, batch_sizes: list[int], warmup: int, repeats: int, threads: int | None, provider: str,
               json_target: str | None, markdown_path: Path | None, plot_path: Path | None,
-              optimum_python: str | None, speculative: str | None, draft_dir: Path | None,
-              num_speculative_tokens: int | None) -> None:
+              optimum_python: str | None, openvino_dirs: tuple[Path, ...], openvino_python: str | None,
+              speculative: str | None, draft_dir: Path | None, num_speculative_tokens: int | None) -> None:
     """Time to first token, decode speed and memory of PyTorch, our loop and the peers, side by side. With
     speculation, each export gets a second `ort` row that speculates (with its acceptance)."""
     wanted = [b.strip() for b in backends.split(",") if b.strip()]
     speculation = speculation_from(speculative, num_speculative_tokens, draft_dir is not None)
     sources = BenchSources(model_spec, num_layers, list(onnx_dirs), list(engines), list(genai_dirs), list(gguf_files),
                            provider, optimum_python, speculative=speculation.method if speculation else None,
-                           draft_dir=draft_dir, num_speculative_tokens=num_speculative_tokens)
+                           draft_dir=draft_dir, num_speculative_tokens=num_speculative_tokens,
+                           openvino_dirs=list(openvino_dirs), openvino_python=openvino_python)
     settings = [Setting(b, p, new_tokens) for b in batch_sizes for p in prompt_lengths]
     report = bench(sources, wanted, settings, warmup, repeats, threads, progress=lambda s: click.echo(s, err=True))
     command = "aira-opt " + " ".join(sys.argv[1:]) if sys.argv and "aira-opt" in sys.argv[0] else ""
@@ -492,6 +510,7 @@ def web_cmd(onnx_dirs: tuple[Path, ...], port: int, host: str, threads: int, sav
               help="A GGUF file, run by llama.cpp (repeat for several).")
 @click.option("--genai", "genai_dirs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An onnxruntime-genai folder, run by onnxruntime-genai (repeat for several).")
+@openvino_options
 @click.option("--model", "model_spec", default=None, metavar="SPEC",
               help="The source model, the fp32 PyTorch reference [default: the first --onnx folder's source].")
 @click.option("--corpus", type=click.Choice(CORPORA), default=CORPORA[0], show_default=True,
@@ -502,11 +521,12 @@ def web_cmd(onnx_dirs: tuple[Path, ...], port: int, host: str, threads: int, sav
 @threads_option
 @json_option("the report")
 def eval_cmd(onnx_dirs: tuple[Path, ...], gguf_files: tuple[Path, ...], genai_dirs: tuple[Path, ...],
-             model_spec: str | None, corpus: str, window: int, stride: int, max_tokens: int | None,
-             threads: int | None, json_target: str | None) -> None:
+             openvino_dirs: tuple[Path, ...], openvino_python: str | None, model_spec: str | None, corpus: str,
+             window: int, stride: int, max_tokens: int | None, threads: int | None, json_target: str | None) -> None:
     """Quality on real text against PyTorch fp32: perplexity, KL divergence and top-1 agreement, the same token ids
-    for every format (our exports, GGUF through llama.cpp, onnxruntime-genai folders)."""
-    report = api.evaluate(onnx=onnx_dirs, gguf=gguf_files, genai=genai_dirs, model=model_spec, corpus=corpus,
+    for every format (our exports, GGUF through llama.cpp, onnxruntime-genai folders, OpenVINO IR folders)."""
+    report = api.evaluate(onnx=onnx_dirs, gguf=gguf_files, genai=genai_dirs, openvino=openvino_dirs,
+                          openvino_python=openvino_python, model=model_spec, corpus=corpus,
                           window=window, stride=stride, max_tokens=max_tokens, threads=threads,
                           quiet=json_target == "-", on_skip=lambda line: click.echo(line, err=True))
     if json_target is not None:

@@ -27,6 +27,7 @@ from aira_opt.core.numerics import log_softmax
 from aira_opt.core.progress import bar
 from aira_opt.folders import ExportFolder
 from aira_opt.parity import sequence_logits
+from aira_opt.runtime.openvino import OpenVinoLogits, openvino_python
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.pytorch import TorchDecoder
 from aira_opt.source.corpus import RealText, real_text
@@ -179,12 +180,30 @@ class GenaiSource(LogitSource):
         return np.array(generator.get_output("logits"), dtype=np.float32)[0]  # [1, T, V] -> [T, V]
 
 
+class OpenVinoSource(LogitSource):
+    """An OpenVINO IR folder (optimum-intel's export) through OVModelForCausalLM, in OpenVINO's own environment."""
+
+    format = "openvino"
+
+    def __init__(self, folder: Path, python: str | None, threads: int | None):
+        self.model = OpenVinoLogits(folder, openvino_python(python), threads)
+        self.label = f"openvino {folder.name}"
+        self.runtime = self.model.info  # its version and the CPU plugin's inference precision
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self.model.logits(ids)
+
+    def close(self) -> None:
+        self.model.close()
+
+
 @dataclass(frozen=True)
 class Candidate:
     """What the user named: a format and a path."""
 
-    format: str  # "onnx" | "gguf" | "genai"
+    format: str  # "onnx" | "gguf" | "genai" | "openvino"
     path: Path
+    python: str | None = None  # the interpreter of the format's own environment (openvino)
 
     def open(self, windows: Windows, threads: int | None) -> LogitSource:
         if self.format == "onnx":
@@ -194,6 +213,8 @@ class Candidate:
             return DecoderSource(OrtDecoder(folder, threads=threads), f"ours {label}", "onnx")
         if self.format == "gguf":
             return LlamaCppSource(self.path, windows.window, threads)
+        if self.format == "openvino":
+            return OpenVinoSource(self.path, self.python, threads)
         return GenaiSource(self.path)
 
 
@@ -251,7 +272,8 @@ def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, w
         "corpus": {**text.describe(), "tokens_available": len(ids),
                    "ids_sha256": hashlib.sha256(np.array(ids, dtype=np.int64).tobytes()).hexdigest()},
         "window": windows.window, "stride": windows.stride,
-        "results": [{"label": s.label, "format": s.format, "path": str(c.path), **t.summary(), "seconds": round(sec, 2)}
+        "results": [{"label": s.label, "format": s.format, "path": str(c.path), **t.summary(), "seconds": round(sec, 2),
+                     **({"runtime": s.runtime} if isinstance(s, OpenVinoSource) else {})}
                     for s, c, t, sec in zip(sources, opened, tallies, seconds)],
         "skipped": skipped,
     }
@@ -270,12 +292,14 @@ __all__ = ["Candidate", "Windows", "Reference", "Tally", "evaluate", "eval_table
 
 def evaluate_files(onnx: list[Path], gguf: list[Path], genai: list[Path], model_spec: str | None, corpus: str,
                    windows: Windows, max_tokens: int | None, threads: int | None, quiet: bool,
-                   on_skip: Callable[[str], None] | None) -> dict[str, Any]:
+                   on_skip: Callable[[str], None] | None, openvino: list[Path] = (),
+                   openvino_python: str | None = None) -> dict[str, Any]:
     """`eval` on named files: the reference is `model_spec`, else the first export folder's source model."""
     candidates = ([Candidate("onnx", p) for p in onnx] + [Candidate("gguf", p) for p in gguf]
-                  + [Candidate("genai", p) for p in genai])
+                  + [Candidate("genai", p) for p in genai]
+                  + [Candidate("openvino", p, openvino_python) for p in openvino])
     if not candidates:
-        raise OptionError("nothing to evaluate: pass --onnx DIR, --gguf FILE or --genai DIR")
+        raise OptionError("nothing to evaluate: pass --onnx DIR, --gguf FILE, --genai DIR or --openvino DIR")
     spec, layers = model_spec, None
     if spec is None and onnx:
         manifest = ExportFolder(onnx[0]).manifest

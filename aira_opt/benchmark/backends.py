@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from aira_opt.benchmark.weights import gguf_type, gguf_weight_bytes, onnx_weight_bytes
-from aira_opt.core.errors import TensorRTUnavailableError
+from aira_opt.core.errors import MissingExtraError, TensorRTUnavailableError
 from aira_opt.folders import EngineFolder, ExportFolder
 from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.generation.sampling import GREEDY
@@ -25,6 +26,7 @@ from aira_opt.generation.speculative import Speculation
 from aira_opt.precision.kernels import kernel_summary
 from aira_opt.precision.variants import variant_named_in
 from aira_opt.runners import check_draft
+from aira_opt.runtime.openvino import openvino_python
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.providers import PROVIDERS, session_options
 from aira_opt.runtime.pytorch import Timings, hf_generate_timings
@@ -65,6 +67,8 @@ class BenchSources:
     speculative: str | None = None  # add our loop's rows with this speculation ("ngram" or "draft")
     draft_dir: Path | None = None  # the draft export ("draft")
     num_speculative_tokens: int | None = None
+    openvino_dirs: list[Path] = field(default_factory=list)  # OpenVINO IR folders (optimum-cli export openvino)
+    openvino_python: str | None = None  # OpenVINO's own environment's interpreter
 
 
 Planned = tuple[list[Job], list[str]]  # the jobs a backend will run, and the reasons it runs none (or fewer)
@@ -389,5 +393,59 @@ class LlamaCppRunner(PeerRunner):
         self.model.close()
 
 
+class OpenVinoRunner(BenchRunner):
+    """OpenVINO GenAI's LLMPipeline over an IR folder, in OpenVINO's own environment, given the same token ids.
+    Its prompt-prefix cache is switched off: a repeat of the same ids would otherwise skip the prefill."""
+
+    name = "openvino"
+
+    @classmethod
+    def plan(cls, sources: BenchSources) -> Planned:
+        if not sources.openvino_dirs:
+            return [], ["no --openvino folder (optimum-cli export openvino, in OpenVINO's environment)"]
+        try:
+            python = openvino_python(sources.openvino_python)
+        except MissingExtraError as exc:
+            return [], [str(exc)]
+        python = "" if python == sys.executable else python
+        return [Job(cls.name, f"{cls.name} {Path(d).name.removeprefix('openvino-')}",
+                    Path(d).name, folder=str(d), python=python) for d in sources.openvino_dirs], []
+
+    def activate(self) -> OpenVinoRunner:
+        import openvino_genai as genai
+
+        folder = Path(self.job.folder)
+        self.size_bytes = sum(f.stat().st_size for f in folder.glob("*.bin"))
+        self.weight_bytes = self.size_bytes  # every weight is read once per step (the embedding is a Gather)
+        scheduler = genai.SchedulerConfig()
+        scheduler.enable_prefix_caching = False
+        threads = {"INFERENCE_NUM_THREADS": self.threads} if self.threads else {}
+        self.genai = genai
+        self.pipe = genai.LLMPipeline(str(folder), "CPU", scheduler_config=scheduler, **threads)
+        return self
+
+    def infer(self, ids: np.ndarray, new_tokens: int) -> Timings:
+        import openvino as ov
+
+        genai, times = self.genai, []
+
+        class Clock(genai.StreamerBase):
+            def write(self, token):  # a token, or a list of them
+                times.extend([time.perf_counter()] * (len(token) if isinstance(token, list) else 1))
+                return genai.StreamingStatus.RUNNING
+
+            def end(self):
+                pass
+
+        config = genai.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        inputs = genai.TokenizedInputs(ov.Tensor(ids.astype(np.int64)), ov.Tensor(np.ones_like(ids, dtype=np.int64)))
+        start = time.perf_counter()
+        self.pipe.generate(inputs, config, Clock())
+        return times[0] - start, list(np.diff(times))
+
+    def deactivate(self) -> None:
+        del self.pipe
+
+
 RUNNERS: dict[str, type[BenchRunner]] = {r.name: r for r in (TorchRunner, OrtRunner, OptimumRunner, GenaiRunner,
-                                                             TrtRunner, LlamaCppRunner)}
+                                                             TrtRunner, LlamaCppRunner, OpenVinoRunner)}
