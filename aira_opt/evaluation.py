@@ -27,6 +27,7 @@ from aira_opt.core.numerics import log_softmax
 from aira_opt.core.progress import bar
 from aira_opt.folders import ExportFolder
 from aira_opt.parity import sequence_logits
+from aira_opt.precision.variants import variant
 from aira_opt.runtime.openvino import OpenVinoLogits, openvino_python
 from aira_opt.runtime.ort import OrtDecoder
 from aira_opt.runtime.pytorch import TorchDecoder
@@ -210,7 +211,8 @@ class Candidate:
             folder = ExportFolder(self.path)
             label = folder.manifest.label
             label += f" [{folder.path.name}]" if folder.path.name != label else ""  # two folders, one variant
-            return DecoderSource(OrtDecoder(folder, threads=threads), f"ours {label}", "onnx")
+            made_by = "ours" if variant(folder.manifest.precision).recipe is not None else "peer"  # optimum's int8
+            return DecoderSource(OrtDecoder(folder, threads=threads), f"{made_by} {label}", "onnx")
         if self.format == "gguf":
             return LlamaCppSource(self.path, windows.window, threads)
         if self.format == "openvino":

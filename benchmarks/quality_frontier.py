@@ -31,7 +31,7 @@ def join(quality: dict, speed: dict, names: dict[str, str]) -> list[dict]:
     for q in quality["results"]:
         bench_label = names.get(q["label"], q["label"])
         s = rows.get(bench_label)
-        points.append({**q, "bench_label": bench_label, "ours": q["format"] == "onnx",
+        points.append({**q, "bench_label": bench_label, "ours": q["label"].startswith("ours "),
                        "decode_tokens_per_s": s["decode_tokens_per_s"] if s else None,
                        "ttft_ms": s["ttft_ms"] if s else None, "size_mb": s["size_mb"] if s else None})
     for p in points:

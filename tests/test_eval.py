@@ -3,8 +3,12 @@ format, and peers that are missing skipped with their reason."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from aira_opt.cli import main
 from aira_opt.core.errors import OptionError
 from aira_opt.evaluation import Candidate, LogitSource, Reference, Tally, Windows, corpus_ids, evaluate
 from aira_opt.source.corpus import LANGUAGE_REFERENCE, SMALL_SLICE, real_text
+from aira_opt.source.models import bundled_model_dir
 
 
 @pytest.mark.parametrize("n,window,stride", [(10, 4, 2), (10, 4, 3), (3, 8, 4), (257, 64, 17), (2, 2, 1)])
@@ -134,3 +139,53 @@ def test_a_file_llama_cpp_cannot_load_and_a_window_past_the_context_are_one_line
     assert result.exit_code != 0 and "llama.cpp cannot load" in result.output and "Traceback" not in result.output
     long = CliRunner().invoke(main, ["eval", "--onnx", str(tiny_export), "--window", "4096", "--stride", "8"])
     assert long.exit_code != 0 and "context" in long.output
+
+
+def test_openvino_without_its_environment_is_skipped_with_how_to_get_it(tiny_export, tmp_path, monkeypatch):
+    monkeypatch.delenv("AIRA_OPT_OPENVINO_PYTHON", raising=False)
+    if importlib.util.find_spec("openvino_genai") is not None:
+        pytest.skip("openvino imports in this environment")
+    ir = tmp_path / "openvino-int4"
+    ir.mkdir()
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", "--onnx", str(tiny_export), "--openvino", str(ir), "--corpus",
+                                       SMALL_SLICE, "--max-tokens", "100", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    skipped = json.loads(out.read_text())["skipped"]
+    assert skipped[0]["format"] == "openvino" and "--openvino-python" in skipped[0]["reason"]
+    bench = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), "--backends", "ort,openvino", "--openvino",
+                                      str(ir), "--repeats", "1", "--new-tokens", "4", "--json", "-"])
+    assert bench.exit_code == 0, bench.output
+    assert "--openvino-python" in json.loads(bench.stdout)["skipped"][0]["reason"]
+
+
+OPENVINO_PYTHON = os.environ.get("AIRA_OPT_OPENVINO_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OPENVINO_PYTHON, reason="needs OpenVINO's own environment: set AIRA_OPT_OPENVINO_PYTHON to "
+                                                "the python of a venv with openvino-genai and optimum-intel")
+def test_an_openvino_ir_is_evaluated_and_benched_through_its_own_environment(tiny_export, tmp_path):
+    """optimum-intel's own exporter makes the IR from aira-tiny's checkpoint, in OpenVINO's environment."""
+    ir = tmp_path / "openvino-fp32"
+    made = subprocess.run([str(Path(OPENVINO_PYTHON).parent / "optimum-cli"), "export", "openvino", "--model",
+                           str(bundled_model_dir()), "--task", "text-generation-with-past", "--weight-format", "fp32", str(ir)],
+                          capture_output=True, text=True, timeout=900)
+    assert made.returncode == 0, made.stderr[-2000:]
+    report = evaluate_report(["--onnx", str(tiny_export), "--openvino", str(ir)], tmp_path)
+    ours, openvino = report["results"]
+    assert openvino["format"] == "openvino" and openvino["tokens"] == ours["tokens"]
+    assert openvino["kl_divergence_mean"] < 0.01 and openvino["top1_agreement"] > 0.95  # fp32 weights (bf16 compute
+    assert "openvino" in openvino["runtime"]                                             # where the CPU has it)
+    bench = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), "--backends", "openvino", "--openvino",
+                                      str(ir), "--repeats", "2", "--new-tokens", "8", "--json", "-"])
+    row = json.loads(bench.stdout)["results"][0]
+    assert row["backend"].startswith("openvino") and row["decode_tokens_per_s"] > 0 and row["ttft_ms"] > 0
+
+
+def evaluate_report(args: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", *args, "--corpus", SMALL_SLICE, "--max-tokens", "300", "--json",
+                                       str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
