@@ -19,18 +19,19 @@ from aira_opt.core.tables import markdown_table
 FLOOR = 1e-5  # the plot's lowest KL: below it a file is as good as exact
 
 
-def speed_key(row: dict) -> str:
-    """A bench row's file, as eval names it."""
-    return row["label"]
+def same_file(path: str) -> str:
+    return str(Path(path).resolve())
 
 
 def join(quality: dict, speed: dict, names: dict[str, str]) -> list[dict]:
-    """One point per evaluated file with a bench row: `names` maps eval labels to bench labels."""
-    rows = {speed_key(r): r for r in speed["results"] if r["batch_size"] == 1}
+    """One point per evaluated file with a bench row on the same file (bench's `source`, eval's `path`); `names`
+    maps eval labels to bench labels for reports made before bench recorded its source."""
+    rows = {same_file(r["source"]) if r.get("source") else r["label"]: r
+            for r in speed["results"] if r["batch_size"] == 1}
     points = []
     for q in quality["results"]:
-        bench_label = names.get(q["label"], q["label"])
-        s = rows.get(bench_label)
+        s = rows.get(same_file(q["path"])) or rows.get(names.get(q["label"], q["label"]))
+        bench_label = s["label"] if s else names.get(q["label"], q["label"])
         points.append({**q, "bench_label": bench_label, "ours": q["label"].startswith("ours "),
                        "decode_tokens_per_s": s["decode_tokens_per_s"] if s else None,
                        "ttft_ms": s["ttft_ms"] if s else None, "size_mb": s["size_mb"] if s else None})

@@ -110,8 +110,9 @@ def jobs_on_exports(backend: str, sources: BenchSources, python: str = "") -> li
     jobs = []
     for folder in sources.onnx_dirs:
         label = ExportFolder(folder).manifest.label
-        jobs.append(Job(backend, f"{backend} {label}{where}", label, folder=str(folder), provider=sources.provider,
-                        python=python))
+        named = f" [{Path(folder).name}]" if Path(folder).name != label else ""  # two folders of one variant
+        jobs.append(Job(backend, f"{backend} {label}{named}{where}", label, folder=str(folder),
+                        provider=sources.provider, python=python))
     return jobs
 
 

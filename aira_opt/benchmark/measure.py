@@ -62,6 +62,7 @@ class BenchResult:
     repeats: int = 0
     decode_steps: int = 0  # timed decode steps per run: new_tokens - 1 (the first token comes from the prefill)
     kernels: str = ""  # which kernels ran, where the backend chose (an autotuned export, llama.cpp's build)
+    source: str = ""  # the file or folder the row ran (an export, a GGUF, an IR folder) or the --model spec
     acceptance_rate: float | None = None  # our loop speculating: proposals accepted, over the timed runs
     tokens_per_step: float | None = None  # our loop speculating: tokens per step of the target
 
@@ -214,6 +215,7 @@ def summarize(job: Job, payload: dict[str, Any], bandwidth_gbps: float,
             else None,
             repeats=len(ttft), decode_steps=len(steps) // max(len(ttft), 1), device=device,
             kernels=payload.get("kernels", ""), acceptance_rate=acceptance, tokens_per_step=tokens_per_step,
+            source=job.folder or job.model_spec,
         ))
     return results
 
