@@ -34,6 +34,7 @@ def test_bench_on_aira_tiny_writes_wellformed_json_markdown_and_png(tiny_export,
         assert 0 < r["decode_ms_p50"] <= r["decode_ms_p90"] <= r["decode_ms_p99"]
         assert r["pct_of_bound"] > 0
         assert r["device"] == "cpu"  # no GPU here: every row is judged against the host's bandwidth
+        assert r["source"] == (str(tiny_export) if r["backend"] == "ort" else "aira-tiny")  # what the row ran
     assert "| backend |" in out_md.read_text() and "torch fp32" in out_md.read_text()
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "x torch" in result.output and "ort fp32" in result.output
