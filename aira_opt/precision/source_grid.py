@@ -16,6 +16,7 @@ trained-in-float weights) are left to the ordinary quantizer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -74,16 +75,9 @@ def store_symmetric_grids(model: onnx.ModelProto, accuracy_level: int, only: Abs
     """Rewrite every weight MatMul (those in `only` when given) whose weight lies on a symmetric 8-bit
     grid into 8-bit MatMulNBits, in place. Returns the names of the MatMuls rewritten."""
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
     stored: list[str] = []
-    for index, node in enumerate(list(graph.node)):
-        if not _selected(node, inits, only):
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        grid = on_symmetric_grid(weight, 32) if weight.ndim == 2 else None
-        if grid is None:
-            continue
-        k, n = weight.shape
+    for index, node, grid in _on_grids(model, on_symmetric_grid, only):
+        k, n = grid.q.shape
         name = node.name or node.output[0]
         q = grid.q.T.reshape(n, k // grid.block, grid.block)  # [N, K / block, block]
         graph.initializer.extend([
@@ -96,13 +90,28 @@ def store_symmetric_grids(model: onnx.ModelProto, accuracy_level: int, only: Abs
             block_size=grid.block, accuracy_level=accuracy_level))
         stored.append(name)
         _drop_unread(graph, node.input[1])
-    if stored and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if stored:
+        _with_contrib_ops(model)
     return stored
 
 
-def _selected(node: onnx.NodeProto, inits: dict, only: AbstractSet[str] | None) -> bool:
-    return node.op_type == "MatMul" and node.input[1] in inits and (only is None or node.name in only)
+def _on_grids(model: onnx.ModelProto, find: Callable[[np.ndarray, int], GridWeight | None],
+              only: AbstractSet[str] | None) -> Iterator[tuple[int, onnx.NodeProto, GridWeight]]:
+    """The weight MatMuls (those in `only` when given) whose weight `find` places on a grid of blocks of 32, with
+    their index and that grid."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for index, node in enumerate(list(model.graph.node)):
+        if node.op_type != "MatMul" or node.input[1] not in inits or (only is not None and node.name not in only):
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        grid = find(weight, 32) if weight.ndim == 2 else None
+        if grid is not None:
+            yield index, node, grid
+
+
+def _with_contrib_ops(model: onnx.ModelProto) -> None:
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _drop_unread(graph: onnx.GraphProto, name: str) -> None:
@@ -129,20 +138,13 @@ def store_source_grids(model: onnx.ModelProto, accuracy_level: int, only: Abstra
     exact form above, in place. Returns the names of the offset MatMuls it added (the ordinary quantizer must
     leave them alone)."""
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
     offset_matmuls: list[str] = []
     nodes = list(graph.node)
     rewritten: dict[int, list[onnx.NodeProto]] = {}
     blocksums: dict[str, str] = {}  # activation -> its block sums, shared by matmuls reading the same input
     used: set[str] = set()
-    for index, node in enumerate(nodes):
-        if not _selected(node, inits, only):
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        grid = on_grid(weight, 32) if weight.ndim == 2 else None
-        if grid is None:
-            continue
-        k, n = weight.shape
+    for index, node, grid in _on_grids(model, on_grid, only):
+        k, n = grid.q.shape
         x, name = node.input[0], node.name or node.output[0]
         packed, scales, zero_points = pack_matmul_nbits(grid)
         new: list[onnx.NodeProto] = []
@@ -181,6 +183,5 @@ def store_source_grids(model: onnx.ModelProto, accuracy_level: int, only: Abstra
     for k in reversed(range(len(graph.initializer))):
         if graph.initializer[k].name in used and graph.initializer[k].name not in still_read:
             del graph.initializer[k]
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _with_contrib_ops(model)
     return offset_matmuls
