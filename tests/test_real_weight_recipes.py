@@ -186,3 +186,24 @@ def test_a_tied_head_is_quantized_at_its_own_bits_and_the_embedding_stays(head_b
     (logits,) = run(model, input_ids=ids)
     cosine = (logits * reference).sum() / np.linalg.norm(logits) / np.linalg.norm(reference)
     assert cosine > {8: 0.999, 4: 0.98, None: 0.999999}[head_bits]
+
+
+def test_an_untied_heads_float_choice_keeps_it_float():
+    """--lm-head float on a model whose head has its own weight (Aira, TinyLlama): the layers are quantized, the
+    head is left alone, also by the source-grid pass."""
+    rng = np.random.default_rng(4)
+    head = q8_0_weight(rng)  # on a grid: the grid pass must still leave it
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+         helper.make_node("MatMul", ["h", "H"], ["logits"], name="/lm_head/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, K])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, N])],
+        [numpy_helper.from_array(rng.normal(0, 0.05, (K, K)).astype(np.float32), "W"),
+         numpy_helper.from_array(head, "H")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    settings = WeightOnlySettings(bits=4, block_size=32, symmetric=True, accuracy_level=4, head_bits=None)
+    quantized, record, _ = quantize_model(model, settings)
+    ops = {n.name: n.op_type for n in quantized.graph.node}
+    assert ops["/lm_head/MatMul"] == "MatMul" and "H" in {i.name for i in quantized.graph.initializer}
+    assert list(ops.values()).count("MatMulNBits") == 1 and record["quantized_nodes"] == 1
+    assert record["head"].startswith("float")

@@ -13,7 +13,8 @@ from aira_opt.exporting.exporters import DEFAULT_EXPORTER, EXPORTERS, Exporter
 from aira_opt.folders import default_export_path
 from aira_opt.precision.kernels import KernelCandidate, candidates
 from aira_opt.precision.recipe import WeightOnlySettings
-from aira_opt.precision.variants import RECIPE_OPTIONS, VARIANTS, Tolerance, Variant, exportable_names, source_variant, variant
+from aira_opt.precision.variants import (RECIPE_OPTIONS, VARIANTS, Tolerance, Variant, exportable_names,
+                                         source_variant, variant)
 from aira_opt.source.models import check_spec, model_name
 
 KERNEL_MODES = ("auto", "default")  # time the candidates, or take the variant's default untimed

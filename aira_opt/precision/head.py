@@ -20,6 +20,16 @@ def head_matmul(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return next((n for n in model.graph.node if n.op_type == "MatMul" and LOGITS in n.output), None)
 
 
+def own_head(model: onnx.ModelProto) -> str | None:
+    """The head's node name when its weight is an initializer of its own (an untied head), else None."""
+    head = head_matmul(model)
+    if head is None or head.input[1] not in {i.name for i in model.graph.initializer}:
+        return None
+    if not head.name:
+        head.name = "lm_head_matmul"
+    return head.name
+
+
 def untie_head(model: onnx.ModelProto) -> str | None:
     """Give a head that reads Transpose(initializer) its own transposed initializer, in place. Returns the head's
     node name when its weight is an initializer now (untied here, or already untied), else None."""
@@ -42,6 +52,4 @@ def untie_head(model: onnx.ModelProto) -> str | None:
         head.input[1] = name
         if not any(transpose.output[0] in n.input for n in graph.node):
             graph.node.remove(transpose)
-    if not head.name:
-        head.name = "lm_head_matmul"
-    return head.name
+    return own_head(model)

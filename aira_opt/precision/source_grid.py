@@ -70,13 +70,13 @@ def on_symmetric_grid(weight: np.ndarray, block: int) -> GridWeight | None:
                       np.zeros_like(scale, dtype=np.float32), block)
 
 
-def store_symmetric_grids(model: onnx.ModelProto, accuracy_level: int, only: AbstractSet[str] | None = None
-                          ) -> list[str]:
-    """Rewrite every weight MatMul (those in `only` when given) whose weight lies on a symmetric 8-bit
-    grid into 8-bit MatMulNBits, in place. Returns the names of the MatMuls rewritten."""
+def store_symmetric_grids(model: onnx.ModelProto, accuracy_level: int, only: AbstractSet[str] | None = None,
+                          skip: AbstractSet[str] = frozenset()) -> list[str]:
+    """Rewrite every weight MatMul (those in `only` when given, none in `skip`) whose weight lies on a symmetric
+    8-bit grid into 8-bit MatMulNBits, in place. Returns the names of the MatMuls rewritten."""
     graph = model.graph
     stored: list[str] = []
-    for index, node, grid in _on_grids(model, on_symmetric_grid, only):
+    for index, node, grid in _on_grids(model, on_symmetric_grid, only, skip):
         k, n = grid.q.shape
         name = node.name or node.output[0]
         q = grid.q.T.reshape(n, k // grid.block, grid.block)  # [N, K / block, block]
@@ -96,12 +96,14 @@ def store_symmetric_grids(model: onnx.ModelProto, accuracy_level: int, only: Abs
 
 
 def _on_grids(model: onnx.ModelProto, find: Callable[[np.ndarray, int], GridWeight | None],
-              only: AbstractSet[str] | None) -> Iterator[tuple[int, onnx.NodeProto, GridWeight]]:
-    """The weight MatMuls (those in `only` when given) whose weight `find` places on a grid of blocks of 32, with
-    their index and that grid."""
+              only: AbstractSet[str] | None, skip: AbstractSet[str]
+              ) -> Iterator[tuple[int, onnx.NodeProto, GridWeight]]:
+    """The weight MatMuls (those in `only` when given, none in `skip`) whose weight `find` places on a grid of
+    blocks of 32, with their index and that grid."""
     inits = {i.name: i for i in model.graph.initializer}
     for index, node in enumerate(list(model.graph.node)):
-        if node.op_type != "MatMul" or node.input[1] not in inits or (only is not None and node.name not in only):
+        if (node.op_type != "MatMul" or node.input[1] not in inits or node.name in skip
+                or (only is not None and node.name not in only)):
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
         grid = find(weight, 32) if weight.ndim == 2 else None
@@ -132,18 +134,18 @@ def pack_matmul_nbits(grid: GridWeight) -> tuple[np.ndarray, np.ndarray, np.ndar
     return packed, np.ascontiguousarray(grid.scale.T), zero_points
 
 
-def store_source_grids(model: onnx.ModelProto, accuracy_level: int, only: AbstractSet[str] | None = None
-                       ) -> list[str]:
-    """Rewrite every weight MatMul (those in `only` when given) whose weight lies on a 4-bit grid into the
-    exact form above, in place. Returns the names of the offset MatMuls it added (the ordinary quantizer must
-    leave them alone)."""
+def store_source_grids(model: onnx.ModelProto, accuracy_level: int, only: AbstractSet[str] | None = None,
+                       skip: AbstractSet[str] = frozenset()) -> list[str]:
+    """Rewrite every weight MatMul (those in `only` when given, none in `skip`) whose weight lies on a 4-bit grid
+    into the exact form above, in place. Returns the names of the offset MatMuls it added (the ordinary quantizer
+    must leave them alone)."""
     graph = model.graph
     offset_matmuls: list[str] = []
     nodes = list(graph.node)
     rewritten: dict[int, list[onnx.NodeProto]] = {}
     blocksums: dict[str, str] = {}  # activation -> its block sums, shared by matmuls reading the same input
     used: set[str] = set()
-    for index, node, grid in _on_grids(model, on_grid, only):
+    for index, node, grid in _on_grids(model, on_grid, only, skip):
         k, n = grid.q.shape
         x, name = node.input[0], node.name or node.output[0]
         packed, scales, zero_points = pack_matmul_nbits(grid)

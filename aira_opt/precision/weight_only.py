@@ -11,12 +11,13 @@ from typing import Any
 import onnx
 
 from aira_opt.core.contract import DecoderContract
+from aira_opt.core.errors import AiraOptError
 from aira_opt.exporting.onnx_files import save_model
 from aira_opt.exporting.support import model_format
 from aira_opt.precision.dynamic_int8 import dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.graph import weight_matmuls
-from aira_opt.precision.head import untie_head
+from aira_opt.precision.head import own_head, untie_head
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_record, calibration_sequences
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
 from aira_opt.precision.source_grid import store_source_grids, store_symmetric_grids
@@ -31,7 +32,11 @@ def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_co
     the fusion record (None when not fused)."""
     fusion = fuse_and_pack(model, fuse_config) if fuse_config is not None else None
     head = untie_head(model) if settings.head_bits is not None else None
-    quantizable = len(weight_matmuls(model))
+    float_head = [name for name in [own_head(model)] if name] if settings.head_bits is None else []  # untied
+    if float_head and settings.algorithm == "gptq":
+        raise AiraOptError("--algorithm gptq quantizes every weight MatMul, the head included: use --lm-head int8 "
+                           "or int4 with it")
+    quantizable = len(weight_matmuls(model)) - len(float_head)
     exact: list[str] = []
     if head is not None and settings.head_bits != settings.bits:  # the head first, at its own bits
         if settings.source_grid:
@@ -39,21 +44,22 @@ def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_co
         model = _nbits(model, settings.head_bits, settings,
                        exclude=[n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head])
     grids = settings.source_grid and settings.algorithm != "gptq"  # GPTQ would round the grids' offsets too
-    layers_exact, offsets = _source_grids(model, settings.bits, settings.accuracy_level) if grids else ([], [])
-    model = _nbits(model, settings.bits, settings, exclude=offsets, calibration=calibration)
+    layers_exact, offsets = (_source_grids(model, settings.bits, settings.accuracy_level, skip=set(float_head))
+                             if grids else ([], []))
+    model = _nbits(model, settings.bits, settings, exclude=offsets + float_head, calibration=calibration)
     quantization = {**settings.describe(), "quantized_nodes": quantizable,
                     "source_grid_nodes": len(exact) + len(layers_exact),
                     "head": f"{settings.head_bits}-bit" if head is not None else "float (not quantized)"}
     return model, quantization, fusion
 
 
-def _source_grids(model: onnx.ModelProto, bits: int, accuracy_level: int,
-                  only: AbstractSet[str] | None = None) -> tuple[list[str], list[str]]:
+def _source_grids(model: onnx.ModelProto, bits: int, accuracy_level: int, only: AbstractSet[str] | None = None,
+                  skip: AbstractSet[str] = frozenset()) -> tuple[list[str], list[str]]:
     """Weights already on a grid of `bits` stored exactly (source_grid.py): the MatMuls stored so, and the offset
     MatMuls added (the quantizer must leave them alone)."""
     if bits == 8:
-        return store_symmetric_grids(model, accuracy_level, only=only), []
-    offsets = store_source_grids(model, accuracy_level, only=only)
+        return store_symmetric_grids(model, accuracy_level, only=only, skip=skip), []
+    offsets = store_source_grids(model, accuracy_level, only=only, skip=skip)
     return [o.removesuffix("_grid_offset_matmul") for o in offsets], offsets
 
 
