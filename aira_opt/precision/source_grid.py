@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 
 LEVELS = 16  # 4 bits
 SYMMETRIC_MAX = 127  # Q8_0: q in -127..127
+GRID_BLOCK = 32  # GGUF's blocks (Q4_0, Q4_1, Q8_0) along K
 TOLERANCE = 1e-3  # in grid steps: how far a dequantized value may sit from its grid point (fp32 rounding)
 
 
@@ -106,7 +107,7 @@ def _on_grids(model: onnx.ModelProto, find: Callable[[np.ndarray, int], GridWeig
                 or (only is not None and node.name not in only)):
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
-        grid = find(weight, 32) if weight.ndim == 2 else None
+        grid = find(weight, GRID_BLOCK) if weight.ndim == 2 else None
         if grid is not None:
             yield index, node, grid
 

@@ -20,7 +20,7 @@ from aira_opt.precision.graph import weight_matmuls
 from aira_opt.precision.head import own_head, untie_head
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_record, calibration_sequences
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
-from aira_opt.precision.source_grid import store_source_grids, store_symmetric_grids
+from aira_opt.precision.source_grid import GRID_BLOCK, store_source_grids, store_symmetric_grids
 
 
 def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_config: Any | None = None,
@@ -47,8 +47,9 @@ def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_co
     layers_exact, offsets = (_source_grids(model, settings.bits, settings.accuracy_level, skip=set(float_head))
                              if grids else ([], []))
     model = _nbits(model, settings.bits, settings, exclude=offsets + float_head, calibration=calibration)
-    quantization = {**settings.describe(), "quantized_nodes": quantizable,
-                    "source_grid_nodes": len(exact) + len(layers_exact),
+    grid_nodes = len(exact) + len(layers_exact)
+    quantization = {**settings.describe(), "quantized_nodes": quantizable, "source_grid_nodes": grid_nodes,
+                    **({"source_grid_block_size": GRID_BLOCK} if grid_nodes else {}),  # whatever block was asked
                     "head": f"{settings.head_bits}-bit" if head is not None else "float (not quantized)"}
     return model, quantization, fusion
 
