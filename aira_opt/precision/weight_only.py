@@ -38,11 +38,8 @@ def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_co
                            "or int4 with it")
     quantizable = len(weight_matmuls(model)) - len(float_head)
     exact: list[str] = []
-    if head is not None and settings.head_bits != settings.bits:  # the head first, at its own bits
-        if settings.source_grid:
-            exact += _source_grids(model, settings.head_bits, settings.accuracy_level, only={head})[0]
-        model = _nbits(model, settings.head_bits, settings,
-                       exclude=[n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head])
+    if head is not None and settings.head_bits != settings.bits:
+        model, exact = _head_apart(model, head, settings)
     grids = settings.source_grid and settings.algorithm != "gptq"  # GPTQ would round the grids' offsets too
     layers_exact, offsets = (_source_grids(model, settings.bits, settings.accuracy_level, skip=set(float_head))
                              if grids else ([], []))
@@ -52,6 +49,16 @@ def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_co
                     **({"source_grid_block_size": GRID_BLOCK} if grid_nodes else {}),  # whatever block was asked
                     "head": f"{settings.head_bits}-bit" if head is not None else "float (not quantized)"}
     return model, quantization, fusion
+
+
+def _head_apart(model: onnx.ModelProto, head: str, settings: WeightOnlySettings) -> tuple[onnx.ModelProto, list[str]]:
+    """The head first, at its own bits (on its source grid when it lies on one), so the layers' pass never sees
+    a MatMul for it. Returns the model and the head's name when it was stored on its grid."""
+    assert settings.head_bits is not None, "a head apart has its own bits"
+    exact = (_source_grids(model, settings.head_bits, settings.accuracy_level, only={head})[0]
+             if settings.source_grid else [])
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
+    return _nbits(model, settings.head_bits, settings, exclude=others), exact
 
 
 def _source_grids(model: onnx.ModelProto, bits: int, accuracy_level: int, only: AbstractSet[str] | None = None,
