@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
 
+from aira_opt.benchmark.backends import BenchSources, jobs_on_exports
 from aira_opt.benchmark.machine import probe_bandwidth_gbps
 from aira_opt.cli import main
 
@@ -137,3 +139,12 @@ def test_llamacpp_rows_skip_with_their_reason_without_a_gguf_or_without_llama_cp
     gguf.write_bytes(b"GGUF")
     plan = plan_jobs(BenchSources("aira-tiny", onnx_dirs=[tiny_export], gguf_files=[gguf]), ["llamacpp"])
     assert not plan.jobs and "build_llamacpp.sh" in plan.skipped[0]["reason"]
+
+
+def test_two_folders_of_one_variant_get_their_folder_names_in_the_label(tiny_export, tmp_path):
+    twin = tmp_path / "fp32-again"
+    shutil.copytree(tiny_export, twin)
+    one = jobs_on_exports("ort", BenchSources("aira-tiny", onnx_dirs=[tiny_export]))
+    two = jobs_on_exports("ort", BenchSources("aira-tiny", onnx_dirs=[tiny_export, twin]))
+    assert [j.label for j in one] == ["ort fp32"]
+    assert [j.label for j in two] == [f"ort fp32 [{tiny_export.name}]", "ort fp32 [fp32-again]"]

@@ -108,9 +108,9 @@ def jobs_on_exports(backend: str, sources: BenchSources, python: str = "") -> li
     """One job per export folder, labelled by its manifest's variant (and the provider, off the CPU)."""
     where = "" if sources.provider == "cpu" else f" ({sources.provider})"
     jobs = []
-    for folder in sources.onnx_dirs:
-        label = ExportFolder(folder).manifest.label
-        named = f" [{Path(folder).name}]" if Path(folder).name != label else ""  # two folders of one variant
+    labels = [ExportFolder(folder).manifest.label for folder in sources.onnx_dirs]
+    for folder, label in zip(sources.onnx_dirs, labels):
+        named = f" [{Path(folder).name}]" if labels.count(label) > 1 else ""  # two folders of one variant
         jobs.append(Job(backend, f"{backend} {label}{named}{where}", label, folder=str(folder),
                         provider=sources.provider, python=python))
     return jobs
