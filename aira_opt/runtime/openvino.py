@@ -53,8 +53,10 @@ class OpenVinoLogits:
     def __init__(self, folder: Path, python: str, threads: int | None):
         self.scratch = tempfile.TemporaryDirectory(prefix="aira-opt-openvino-")
         self.out = Path(self.scratch.name) / "logits.npy"
+        # The child's chatter goes to a file, not a pipe nobody reads (a full pipe would stall it).
+        self.log = open(Path(self.scratch.name) / "stderr.log", "w+")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen([python, "-m", "aira_opt.runtime.openvino", str(folder), str(threads or 0)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      text=True, env=child_env())
         self.info = self._reply()  # the model loaded, or its one-line error
 
@@ -62,8 +64,9 @@ class OpenVinoLogits:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            assert self.proc.stderr is not None
-            last = (self.proc.stderr.read().strip().splitlines() or [f"exit code {self.proc.wait()}"])[-1]
+            code = self.proc.wait()
+            self.log.seek(0)
+            last = (self.log.read().strip().splitlines() or [f"exit code {code}"])[-1]
             self.close()
             raise AiraOptError(f"OpenVINO child: {last}")
         reply = json.loads(line)
@@ -87,6 +90,7 @@ class OpenVinoLogits:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
         self.scratch.cleanup()
 
 
