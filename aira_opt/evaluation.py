@@ -25,6 +25,7 @@ import numpy as np
 from aira_opt.core.errors import AiraOptError, MissingExtraError, OptionError
 from aira_opt.core.numerics import log_softmax
 from aira_opt.core.progress import bar
+from aira_opt.core.tables import tell_apart
 from aira_opt.folders import ExportFolder
 from aira_opt.parity import sequence_logits
 from aira_opt.precision.variants import variant
@@ -112,6 +113,7 @@ class LogitSource:
 
     label: str
     format: str
+    runtime: dict[str, str] | None = None  # what the report records of the runtime, where its format says too little
 
     def logits(self, ids: list[int]) -> np.ndarray:
         raise NotImplementedError
@@ -189,7 +191,7 @@ class OpenVinoSource(LogitSource):
     def __init__(self, folder: Path, python: str | None, threads: int | None):
         self.model = OpenVinoLogits(folder, openvino_python(python), threads)
         self.label = f"openvino {folder.name}"
-        self.runtime = self.model.info  # its version and the CPU plugin's inference precision
+        self.runtime = self.model.info  # its version and the CPU plugin's inference precision (bf16 on some CPUs)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.model.logits(ids)
@@ -209,10 +211,8 @@ class Candidate:
     def open(self, windows: Windows, threads: int | None) -> LogitSource:
         if self.format == "onnx":
             folder = ExportFolder(self.path)
-            label = folder.manifest.label
-            label += f" [{folder.path.name}]" if folder.path.name != label else ""  # two folders, one variant
             made_by = "ours" if variant(folder.manifest.precision).recipe is not None else "peer"  # optimum's int8
-            return DecoderSource(OrtDecoder(folder, threads=threads), f"{made_by} {label}", "onnx")
+            return DecoderSource(OrtDecoder(folder, threads=threads), f"{made_by} {folder.manifest.label}", "onnx")
         if self.format == "gguf":
             return LlamaCppSource(self.path, windows.window, threads)
         if self.format == "openvino":
@@ -269,14 +269,15 @@ def evaluate(loaded: LoadedModel, candidates: list[Candidate], text: RealText, w
     finally:
         for source in [reference, *sources]:
             source.close()
+    labels = tell_apart([s.label for s in sources], [c.path.name for c in opened])  # two folders, one variant
     return {
         "reference": {"model": loaded.describe()["name"], "runner": "PyTorch fp32"},
         "corpus": {**text.describe(), "tokens_available": len(ids),
                    "ids_sha256": hashlib.sha256(np.array(ids, dtype=np.int64).tobytes()).hexdigest()},
         "window": windows.window, "stride": windows.stride,
-        "results": [{"label": s.label, "format": s.format, "path": str(c.path), **t.summary(), "seconds": round(sec, 2),
-                     **({"runtime": s.runtime} if isinstance(s, OpenVinoSource) else {})}
-                    for s, c, t, sec in zip(sources, opened, tallies, seconds)],
+        "results": [{"label": label, "format": s.format, "path": str(c.path), **t.summary(), "seconds": round(sec, 2),
+                     **({"runtime": s.runtime} if s.runtime else {})}
+                    for label, s, c, t, sec in zip(labels, sources, opened, tallies, seconds)],
         "skipped": skipped,
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,14 @@ def evaluate_report(args: list[str], tmp_path: Path) -> dict:
                                        str(out)])
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())
+
+
+def test_two_folders_of_one_variant_are_told_apart_by_their_folder_names(tiny, tiny_export, tmp_path):
+    twin = tmp_path / "fp32-again"
+    shutil.copytree(tiny_export, twin)
+    report = evaluate(tiny, [Candidate("onnx", tiny_export), Candidate("onnx", twin)], real_text(SMALL_SLICE),
+                      Windows(64, 32), max_tokens=100, quiet=True)
+    assert [r["label"] for r in report["results"]] == [f"ours fp32 [{tiny_export.name}]", "ours fp32 [fp32-again]"]
+    alone = evaluate(tiny, [Candidate("onnx", twin)], real_text(SMALL_SLICE), Windows(64, 32), max_tokens=100,
+                     quiet=True)
+    assert alone["results"][0]["label"] == "ours fp32" and "runtime" not in alone["results"][0]

@@ -19,6 +19,7 @@ import numpy as np
 
 from aira_opt.benchmark.weights import gguf_type, gguf_weight_bytes, onnx_weight_bytes
 from aira_opt.core.errors import MissingExtraError, TensorRTUnavailableError
+from aira_opt.core.tables import tell_apart
 from aira_opt.folders import EngineFolder, ExportFolder
 from aira_opt.generation.generator import GenerateOptions, generate
 from aira_opt.generation.sampling import GREEDY
@@ -109,10 +110,10 @@ def jobs_on_exports(backend: str, sources: BenchSources, python: str = "") -> li
     where = "" if sources.provider == "cpu" else f" ({sources.provider})"
     jobs = []
     labels = [ExportFolder(folder).manifest.label for folder in sources.onnx_dirs]
-    for folder, label in zip(sources.onnx_dirs, labels):
-        named = f" [{Path(folder).name}]" if labels.count(label) > 1 else ""  # two folders of one variant
-        jobs.append(Job(backend, f"{backend} {label}{named}{where}", label, folder=str(folder),
-                        provider=sources.provider, python=python))
+    rows = tell_apart(labels, [Path(folder).name for folder in sources.onnx_dirs])
+    for folder, label, row in zip(sources.onnx_dirs, labels, rows):
+        jobs.append(Job(backend, f"{backend} {row}{where}", label, folder=str(folder), provider=sources.provider,
+                        python=python))
     return jobs
 
 
@@ -417,7 +418,7 @@ class OpenVinoRunner(BenchRunner):
 
         folder = Path(self.job.folder)
         self.size_bytes = sum(f.stat().st_size for f in folder.glob("*.bin"))
-        self.weight_bytes = self.size_bytes  # every weight is read once per step (the embedding is a Gather)
+        self.weight_bytes = self.size_bytes  # counted as read every step: over by the embedding, only gathered from
         scheduler = genai.SchedulerConfig()
         scheduler.enable_prefix_caching = False
         threads = {"INFERENCE_NUM_THREADS": self.threads} if self.threads else {}

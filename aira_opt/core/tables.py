@@ -33,3 +33,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def tell_apart(labels: Sequence[str], tags: Sequence[str]) -> list[str]:
+    """Each row label, with its tag in brackets where rows would share it (two folders of one variant)."""
+    return [f"{label} [{tag}]" if labels.count(label) > 1 else label for label, tag in zip(labels, tags)]

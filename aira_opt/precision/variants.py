@@ -166,8 +166,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp16-cuda", ORT_CUDA, fp16_cuda_recipe, Tolerance(min_cosine=0.999), FP16_THRESHOLDS,
             fusable=True, fused_by_default=True, dtype="float16", cuda=True),
     Variant("int4-cuda", ORT_CUDA + "; MatMulNBits with fp16 activations", int4_cuda_recipe,
-            Tolerance(min_cosine=0.95), INT4_THRESHOLDS, weight_only=replace(INT4_SETTINGS, head_bits=4), fusable=True, fused_by_default=True,
-            dtype="float16", cuda=True),
+            Tolerance(min_cosine=0.95), INT4_THRESHOLDS, weight_only=replace(INT4_SETTINGS, head_bits=4), fusable=True,
+            fused_by_default=True, dtype="float16", cuda=True),
     # optimum's dynamic int8 (benchmarks/optimum_int8.py makes it): checked and benched, not exported by us.
     Variant("int8-dynamic", "ONNX Runtime CPU (MatMulInteger, optimum's recipe)", None, Tolerance(min_cosine=0.98),
             INT8_THRESHOLDS),

@@ -115,8 +115,9 @@ class RealText:
 
 
 # The Python Language Reference's topics (pydoc_data.topics, shipped with every CPython: `help('assert')` prints
-# one): technical English prose (its size is in assets/text/SOURCE.md). The topics are joined in name order, so every machine builds the same text from the same Python minor version.
-# Calibration never reads it (calibration_questions above and the recipes' own random probes do).
+# one): technical English prose (its size is in assets/text/SOURCE.md). The topics are joined in name order, so
+# every machine builds the same text from the same Python minor version. Calibration never reads it
+# (calibration_questions above and the recipes' own random probes do).
 LANGUAGE_REFERENCE = "python-language-reference"
 SMALL_SLICE = "small"  # the first topics, a few thousand characters: for tests
 CORPORA = (LANGUAGE_REFERENCE, SMALL_SLICE)
