@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from aira_opt.benchmark.machine import machine_info
+from aira_opt.core.processes import source_tree_env
 from aira_opt.core.tables import markdown_table
 
 POLL_S = 0.05
@@ -41,7 +41,7 @@ def measure(command: list[str], cwd: Path) -> dict:
     """Run `command` in `cwd`; its wall time, peak resident memory (process tree, polled) and exit code."""
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                             env=source_tree_env())
     process, peak = psutil.Process(child.pid), 0
     while child.poll() is None:
         peak = max(peak, tree_rss(process))

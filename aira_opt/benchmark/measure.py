@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import queue as queue_module
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 
 from aira_opt.benchmark.machine import machine_info, peak_gpu_mb, peak_rss_mb, probe_bandwidth_gbps
 from aira_opt.benchmark.backends import RUNNERS, Job
+from aira_opt.core.processes import source_tree_env
 from aira_opt.core.progress import bar
 
 
@@ -122,12 +121,10 @@ def _child(queue: Any, *args: Any) -> None:
 def run_in_other_python(job: Job, *args: Any, timeout: float = 3600) -> tuple[str, Any]:
     """Run one job under another virtual environment's interpreter (optimum's, which pins transformers 4.57):
     the same aira_opt source, the job and its inputs as JSON on stdin, the measurement as JSON on stdout."""
-    source_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
     request = json.dumps({"job": asdict(job), "args": args})
     try:
         done = subprocess.run([job.python, "-m", "aira_opt.benchmark.measure"], input=request, capture_output=True,
-                              text=True, env=env, timeout=timeout)
+                              text=True, env=source_tree_env(), timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return "error", f"{type(exc).__name__}: {exc}"
     lines = done.stdout.strip().splitlines()

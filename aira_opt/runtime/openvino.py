@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from aira_opt.core.errors import AiraOptError, MissingExtraError
+from aira_opt.core.processes import source_tree_env
 
 PYTHON_ENV = "AIRA_OPT_OPENVINO_PYTHON"
 INSTALL = ("pip install openvino-genai optimum-intel in a virtual environment of its own (they move torch and "
@@ -41,12 +42,6 @@ def openvino_python(given: str | None = None) -> str:
     raise MissingExtraError("--openvino (OpenVINO)", "openvino", INSTALL)
 
 
-def child_env() -> dict[str, str]:
-    """This source tree first on the child's path, so the other environment runs the same aira_opt."""
-    root = str(Path(__file__).resolve().parents[2])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-
-
 class OpenVinoLogits:
     """An IR folder held by a child process in the OpenVINO environment: [T] ids -> [T, V] logits."""
 
@@ -57,7 +52,7 @@ class OpenVinoLogits:
         self.log = open(Path(self.scratch.name) / "stderr.log", "w+")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen([python, "-m", "aira_opt.runtime.openvino", str(folder), str(threads or 0)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=child_env())
+                                     text=True, env=source_tree_env())
         self.info = self._reply()  # the model loaded, or its one-line error
 
     def _reply(self) -> dict:
