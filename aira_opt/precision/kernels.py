@@ -30,6 +30,7 @@ from aira_opt.core.threads import session_threads
 from aira_opt.core.progress import bar
 from aira_opt.precision.dynamic_int8 import quantize_dynamic_int8
 from aira_opt.precision.recipe import WeightOnlySettings
+from aira_opt.precision.weight_only import nbits_quantize
 from aira_opt.source.models import cache_dir
 
 REFERENCE_PROMPT, REFERENCE_NEW_TOKENS = 64, 64  # the request a choice is scored on (bench's default setting)
@@ -104,15 +105,8 @@ def quantized_layer(shapes: list[tuple[int, int]], candidate: KernelCandidate) -
             out = Path(scratch) / "probe.onnx"
             quantize_dynamic_int8(model, out)
             return onnx.load(str(out))
-    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
-
-    s = candidate.weight_only
-    config = nbits.DefaultWeightOnlyQuantConfig(block_size=s.block_size, is_symmetric=s.symmetric,
-                                                accuracy_level=s.accuracy_level, bits=s.bits)
-    quantizer = nbits.MatMulNBitsQuantizer(model, bits=s.bits, block_size=s.block_size, is_symmetric=s.symmetric,
-                                           accuracy_level=s.accuracy_level, algo_config=config)
-    quantizer.process()
-    return quantizer.model.model
+    s = replace(candidate.weight_only, algorithm="rtn")  # the probe times kernels on random weights: no calibration
+    return nbits_quantize(model, s.bits, s, exclude=[])
 
 
 def replicated(layer: onnx.ModelProto, copies: int) -> onnx.ModelProto:

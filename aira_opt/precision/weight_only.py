@@ -43,7 +43,7 @@ def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_co
     grids = settings.source_grid and settings.algorithm != "gptq"  # GPTQ would round the grids' offsets too
     layers_exact, offsets = (_source_grids(model, settings.bits, settings.accuracy_level, skip=set(float_head))
                              if grids else ([], []))
-    model = _nbits(model, settings.bits, settings, exclude=offsets + float_head, calibration=calibration)
+    model = nbits_quantize(model, settings.bits, settings, exclude=offsets + float_head, calibration=calibration)
     grid_nodes = len(exact) + len(layers_exact)
     quantization = {**settings.describe(), "quantized_nodes": quantizable, "source_grid_nodes": grid_nodes,
                     **({"source_grid_block_size": GRID_BLOCK} if grid_nodes else {}),  # whatever block was asked
@@ -58,7 +58,7 @@ def _head_apart(model: onnx.ModelProto, head: str, settings: WeightOnlySettings)
     exact = (_source_grids(model, settings.head_bits, settings.accuracy_level, only={head})[0]
              if settings.source_grid else [])
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
-    return _nbits(model, settings.head_bits, settings, exclude=others), exact
+    return nbits_quantize(model, settings.head_bits, settings, exclude=others), exact
 
 
 def _source_grids(model: onnx.ModelProto, bits: int, accuracy_level: int, only: AbstractSet[str] | None = None,
@@ -71,8 +71,8 @@ def _source_grids(model: onnx.ModelProto, bits: int, accuracy_level: int, only: 
     return [o.removesuffix("_grid_offset_matmul") for o in offsets], offsets
 
 
-def _nbits(model: onnx.ModelProto, bits: int, settings: WeightOnlySettings, exclude: list[str],
-           calibration: Any | None = None) -> onnx.ModelProto:
+def nbits_quantize(model: onnx.ModelProto, bits: int, settings: WeightOnlySettings, exclude: list[str],
+                   calibration: Any | None = None) -> onnx.ModelProto:
     """onnxruntime's MatMulNBitsQuantizer over every weight MatMul not excluded; the settings' algorithm where it
     applies (HQQ and GPTQ are 4-bit; an 8-bit head is rounded to nearest)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
