@@ -85,6 +85,14 @@ def test_plan_export_checks_every_option_before_anything_is_loaded(monkeypatch, 
     plan = aira_opt.plan_export("aira-tiny", "int4", tmp_path / "int4", block_size=128)
     assert plan.variant.name == "int4" and plan.settings.block_size == 128 and plan.fused
     assert plan.folder_name == "int4-b128" and plan.reuse_fp32 is not None
+    chosen = aira_opt.plan_export("aira-tiny", "int4", tmp_path / "int4-h", lm_head="int4", algorithm="gptq",
+                                  source_grid=False, min_cosine=0.5)  # export's recipe options, from Python
+    assert (chosen.settings.head_bits, chosen.settings.algorithm, chosen.settings.source_grid) == (4, "gptq", False)
+    assert chosen.folder_name == "int4-head4-gptq-regrid" and chosen.tolerance.min_cosine == 0.5
+    with pytest.raises(OptionError, match="--min-cosine must be in"):
+        aira_opt.plan_export("aira-tiny", "int4", min_cosine=2)
+    with pytest.raises(OptionError, match="--lm-head must be one of"):
+        aira_opt.plan_export("aira-tiny", "int4", lm_head="int2")
     assert aira_opt.plan_export("aira-tiny").output.as_posix() == "export/aira-tiny/fp32"
     with pytest.raises(OptionError, match="--block-size must be a power of two"):
         aira_opt.plan_export("aira-tiny", "int4", block_size=48)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import aira_opt
 from aira_opt.cli import main
 from aira_opt.core.errors import OptionError
 from aira_opt.evaluation import Candidate, LogitSource, Reference, Tally, Windows, corpus_ids, evaluate
@@ -154,6 +155,8 @@ def test_openvino_without_its_environment_is_skipped_with_how_to_get_it(tiny_exp
     assert result.exit_code == 0, result.output
     skipped = json.loads(out.read_text())["skipped"]
     assert skipped[0]["format"] == "openvino" and "--openvino-python" in skipped[0]["reason"]
+    from_python = aira_opt.evaluate(onnx=[tiny_export], openvino=[ir], corpus=SMALL_SLICE, max_tokens=100)
+    assert from_python["skipped"][0]["format"] == "openvino" and len(from_python["results"]) == 1
     bench = CliRunner().invoke(main, ["bench", "--onnx", str(tiny_export), "--backends", "ort,openvino", "--openvino",
                                       str(ir), "--repeats", "1", "--new-tokens", "4", "--json", "-"])
     assert bench.exit_code == 0, bench.output
