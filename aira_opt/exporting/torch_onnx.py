@@ -89,11 +89,17 @@ def name_by_module(graph: Any) -> None:
 
 
 def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:
-    """Write `folder`/model.onnx (and model.onnx_data when large) from `loaded.model`, in the model's dtype."""
+    """Write `folder`/model.onnx (and model.onnx_data when large) from `loaded.model`, in the model's dtype.
+
+    A streamed model (source.weights.streamed_model) is traced without its weights, on the meta device; each
+    weight is then read from the checkpoint only while it is written into model.onnx_data, one at a time."""
     import onnx_ir as ir
 
     contract = DecoderContract.from_config(loaded.config)
-    dtype = next(loaded.model.parameters()).dtype
+    weights = getattr(loaded.model, "streamed_weights", None)
+    dtype = torch.float32 if weights is not None else next(loaded.model.parameters()).dtype
+    traced = _meta_twin(loaded.model) if weights is not None else loaded.model
+    inputs = example_inputs(contract, dtype)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)
@@ -101,18 +107,22 @@ def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # deprecation and tracer notes from transformers and torch.export
             program = torch.onnx.export(
-                FlatCacheDecoder(loaded.model), example_inputs(contract, dtype), dynamo=True, opset_version=opset,
+                FlatCacheDecoder(traced), inputs, dynamo=True, opset_version=opset,
                 dynamic_shapes=dynamic_shapes(contract), input_names=contract.input_names(),
-                output_names=contract.output_names(), optimize=True, verbose=False, report=False)
+                output_names=contract.output_names(), optimize=weights is None, verbose=False, report=False)
     finally:
         registry_log.setLevel(level)
     model = program.model
+    if weights is not None:
+        _read_weights_lazily(model.graph, loaded.model, weights)
+        program.optimize()  # what optimize=True does; every large weight is already in place, unread
     name_by_module(model.graph)
     shapes = {**contract.input_shapes(), **contract.output_shapes()}
     for value in [*model.graph.inputs, *model.graph.outputs]:  # the contract's dim names, the mask's included
         value.shape = ir.Shape(shapes[value.name])
     path = folder / "model.onnx"
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    size = sum(v.const_value.size * v.const_value.dtype.itemsize for v in model.graph.initializers.values()
+               if v.const_value is not None)
     if size > EXTERNAL_DATA_THRESHOLD:
         ir.save(model, path, external_data=path.name + "_data")
     else:
@@ -123,3 +133,55 @@ def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:
     graph_only = onnx.load(str(path), load_external_data=False)
     del graph_only.graph.value_info[:]
     onnx.save_model(graph_only, str(path))
+
+
+def _meta_twin(model: Any) -> Any:
+    """`model`'s architecture for torch.export to trace while the weights stay in the checkpoint: parameters are
+    allocated but never written or read (the pages of untouched memory are not resident), so the trace is the
+    one an in-memory model gives; buffers (the rotary frequencies) are `model`'s own."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=True):
+        twin = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    twin.to_empty(device="cpu")
+    buffers = dict(model.named_buffers())
+    for name, buffer in twin.named_buffers():
+        buffer.copy_(buffers[name])
+    return twin.eval()
+
+
+def _read_weights_lazily(graph: Any, model: Any, weights: Any) -> None:
+    """Give each initializer of a graph traced on the meta device a tensor that reads its weight only when it is
+    written (onnx_ir's LazyTensor, evaluated once, then dropped), and fold each weight's Transpose into a
+    lazily transposed initializer, as the optimizer folds them when the weights are in memory."""
+    import numpy as np
+    import onnx_ir as ir
+
+    buffers = dict(model.named_buffers())  # computed, in memory (the rotary frequencies)
+
+    def reader(name: str, transpose: bool = False) -> Any:
+        def read() -> Any:
+            tensor = buffers[name] if name in buffers else weights[name]
+            array = tensor.detach().to(torch.float32).numpy()
+            return ir.tensor(np.ascontiguousarray(array.T) if transpose else array)
+        return read
+
+    for value in list(graph.initializers.values()):
+        name = value.name.removeprefix("model.")
+        value.const_value = ir.LazyTensor(reader(name), dtype=value.dtype, shape=value.shape, name=value.name)
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        perm = node.attributes.get("perm")
+        if (source is None or not source.is_initializer() or len(source.shape) != 2 or len(source.uses()) != 1
+                or (perm is not None and list(perm.as_ints()) != [1, 0])):
+            continue
+        name = source.name.removeprefix("model.")
+        rows, cols = source.shape
+        folded = ir.Value(name=f"{source.name}_transposed", shape=ir.Shape([cols, rows]), type=source.type,
+                          const_value=ir.LazyTensor(reader(name, transpose=True), dtype=source.dtype,
+                                                    shape=ir.Shape([cols, rows])))
+        graph.register_initializer(folded)
+        node.outputs[0].replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)

@@ -24,6 +24,7 @@ whose shared input also feeds q_proj; walking down from the value cache reaches 
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -320,7 +321,7 @@ def fuse_and_pack(model: onnx.ModelProto, config: Any) -> dict[str, Any]:
     return record
 
 
-def pack_projections(model: onnx.ModelProto) -> int:
+def pack_projections(model: onnx.ModelProto, only: AbstractSet[str] | None = None) -> int:
     """Merge the weight MatMuls that read the same input (q/k/v; gate/up) into one MatMul over their
     concatenated weights and a Split that restores the original output names. Fewer, wider products: one
     kernel dispatch instead of three per step, and better-shaped GEMMs in prefill (k/v alone are only
@@ -329,7 +330,8 @@ def pack_projections(model: onnx.ModelProto) -> int:
     weights = {t.name: t for t in model.graph.initializer}
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2:
+        if (node.op_type == "MatMul" and node.input[1] in weights and len(weights[node.input[1]].dims) == 2
+                and (only is None or node.name in only)):
             groups.setdefault(node.input[0], []).append(node)
     uses = Counter(i for node in model.graph.node for i in node.input)
     replaced: dict[str, list[onnx.NodeProto]] = {}

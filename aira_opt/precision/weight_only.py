@@ -17,33 +17,41 @@ from aira_opt.exporting.support import model_format
 from aira_opt.precision.dynamic_int8 import dynamic_int8
 from aira_opt.precision.fusing import fuse_and_pack
 from aira_opt.precision.graph import weight_matmuls
-from aira_opt.precision.head import own_head, untie_head
+from aira_opt.precision.head import head_matmul, own_head, untie_head
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_record, calibration_sequences
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
+from aira_opt.precision.streaming import quantize_streamed
 from aira_opt.precision.source_grid import GRID_BLOCK, store_source_grids, store_symmetric_grids
 
 
 def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_config: Any | None = None,
-                   calibration: Any | None = None) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any] | None]:
+                   calibration: Any | None = None, scope: AbstractSet[str] | None = None
+                   ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any] | None]:
     """MatMulNBits over every weight MatMul; with a config, attention is fused and projections packed first
     (the quantizer leaves the fused nodes alone and quantizes the packed weights like any other). At 4 bits,
     weights already on a 4-bit grid keep it exactly (source_grid.py) instead of being rounded a second time.
-    calibration: a CalibrationDataReader (GPTQ only). Returns the quantized model, the quantization record and
-    the fusion record (None when not fused)."""
+    calibration: a CalibrationDataReader (GPTQ only). scope: the MatMuls to quantize now (a streamed export's
+    chunk, streaming.py), None for all. Returns the quantized model, the quantization record and the fusion
+    record (None when not fused)."""
     fusion = fuse_and_pack(model, fuse_config) if fuse_config is not None else None
-    head = untie_head(model) if settings.head_bits is not None else None
-    float_head = [name for name in [own_head(model)] if name] if settings.head_bits is None else []  # untied
+    head_node = head_matmul(model)
+    head_here = head_node is not None and (scope is None or head_node.name in scope)
+    head = untie_head(model) if settings.head_bits is not None and head_here else None
+    untied = own_head(model) if head_here else None
+    float_head = [untied] if settings.head_bits is None and untied else []  # an untied head kept float
     if float_head and settings.algorithm == "gptq":
         raise AiraOptError("--algorithm gptq quantizes every weight MatMul, the head included: use --lm-head int8 "
                            "or int4 with it")
-    quantizable = len(weight_matmuls(model)) - len(float_head)
+    elsewhere = [m for m in weight_matmuls(model) if scope is not None and m not in scope]
+    quantizable = len(weight_matmuls(model)) - len(elsewhere) - len(float_head)
     exact: list[str] = []
     if head is not None and settings.head_bits != settings.bits:
         model, exact = _head_apart(model, head, settings)
     grids = settings.source_grid and settings.algorithm != "gptq"  # GPTQ would round the grids' offsets too
-    layers_exact, offsets = (_source_grids(model, settings.bits, settings.accuracy_level, skip=set(float_head))
-                             if grids else ([], []))
-    model = nbits_quantize(model, settings.bits, settings, exclude=offsets + float_head, calibration=calibration)
+    layers_exact, offsets = (_source_grids(model, settings.bits, settings.accuracy_level, only=scope,
+                                           skip=set(float_head)) if grids else ([], []))
+    model = nbits_quantize(model, settings.bits, settings, exclude=offsets + float_head + elsewhere,
+                           calibration=calibration)
     grid_nodes = len(exact) + len(layers_exact)
     quantization = {**settings.describe(), "quantized_nodes": quantizable, "source_grid_nodes": grid_nodes,
                     **({"source_grid_block_size": GRID_BLOCK} if grid_nodes else {}),  # whatever block was asked
@@ -95,9 +103,21 @@ def nbits_quantize(model: onnx.ModelProto, bits: int, settings: WeightOnlySettin
 def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySettings,
                          fuse_config: Any | None = None, calibration: Any | None = None
                          ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """quantize_model from file to file; returns the quantization and fusion records."""
-    model, quantization, fusion = quantize_model(onnx.load(str(fp32_path)), settings, fuse_config, calibration)
-    save_model(model, out_path)
+    """quantize_model from file to file, a layer at a time (streaming.py) unless GPTQ's calibration needs the
+    whole graph; returns the quantization and fusion records."""
+    if calibration is not None:
+        model, quantization, fusion = quantize_model(onnx.load(str(fp32_path)), settings, fuse_config, calibration)
+        save_model(model, out_path)
+        return quantization, fusion
+
+    def chunk(model: onnx.ModelProto, scope: AbstractSet[str]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        model, record, _ = quantize_model(model, settings, scope=scope)
+        return model, record
+
+    records, fusion = quantize_streamed(fp32_path, out_path, chunk, fuse_config)
+    grid_nodes = sum(r["source_grid_nodes"] for r in records)
+    quantization = {**records[-1], "quantized_nodes": sum(r["quantized_nodes"] for r in records),
+                    "source_grid_nodes": grid_nodes, **({"source_grid_block_size": GRID_BLOCK} if grid_nodes else {})}
     return quantization, fusion
 
 

@@ -6,6 +6,7 @@ A spec is one of: the bundled trained `aira-tiny`, a random-weight preset of a r
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -64,6 +65,7 @@ class ModelShape:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    rope_scaling: dict[str, Any] | None = None  # transformers' rope_scaling (Llama 3's frequency bands)
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +80,9 @@ class ModelShape:
         return self.num_hidden_layers * per_layer + embeddings + h
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
 PRESETS: dict[str, ModelShape] = {
     # Aira-2-1B1 (a TinyLlama-1.1B fine-tune): 32000 Llama tokens + Aira's 5 special tokens.
     "aira-2-1b1-random": ModelShape(
@@ -87,6 +92,18 @@ PRESETS: dict[str, ModelShape] = {
         num_key_value_heads=4,
         intermediate_size=5632,
         vocab_size=32005,
+    ),
+    # Llama-3.2-3B and Llama-3.1-8B's exact shapes: for proving that an export's memory does not grow with the
+    # model (exports stream their weights; benchmarks/export_cost.py).
+    "llama-3.2-3b-random": ModelShape(
+        hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE,
+    ),
+    "llama-3.1-8b-random": ModelShape(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling=LLAMA3_ROPE,
     ),
 }
 
@@ -210,18 +227,22 @@ def check_architecture(model_type: str, source: str) -> None:
                              f"({', '.join(SUPPORTED_ARCHITECTURES)})")
 
 
-def load_model(spec: str, num_layers: int | None = None) -> LoadedModel:
-    """Resolve `spec` and load the fp32 PyTorch model and tokenizer (eval mode)."""
+def load_model(spec: str, num_layers: int | None = None, streamed: bool = False) -> LoadedModel:
+    """Resolve `spec` and load the fp32 PyTorch model and tokenizer (eval mode).
+
+    streamed: the model's parameters stay on the meta device and are read from its safetensors tensor by tensor,
+    just before each module runs (weights.streamed_model): what an export needs, in the memory of one layer.
+    A source without safetensors (a .bin checkpoint) loads whole."""
     check_spec(spec, num_layers)
     if spec in PRESETS:
-        return _load_random_preset(spec, num_layers)
+        return _load_random_preset(spec, num_layers, streamed)
     if spec == BUNDLED:
-        return _load_pretrained(bundled_model_dir(), spec, BUNDLED, "bundled")
+        return _load_pretrained(bundled_model_dir(), spec, BUNDLED, "bundled", streamed=streamed)
     if spec in PACKAGED:
-        return _load_gguf(packaged_gguf(spec), spec, spec, "packaged")
+        return _load_gguf(packaged_gguf(spec), spec, spec, "packaged", streamed)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, spec, model_name(spec), "gguf")
+        return _load_gguf(path, spec, model_name(spec), "gguf", streamed)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"'{spec}' is a path but has no config.json; point --model at a model folder "
@@ -231,12 +252,12 @@ def load_model(spec: str, num_layers: int | None = None) -> LoadedModel:
         except (ValueError, AttributeError):
             raise ModelLoadError(f"'{path / 'config.json'}' is not a model config (JSON object)") from None
         check_architecture(model_type, spec)  # before any weight is read
-        return _load_pretrained(path, spec, spec_name(spec), "local")
+        return _load_pretrained(path, spec, spec_name(spec), "local", streamed=streamed)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):
         raise ModelLoadError(
             f"unknown model '{spec}': use {', '.join(known_specs())}, a local folder, or a hub id like {AIRA_HUB_ID}"
         )
-    return _load_hub(spec)
+    return _load_hub(spec, streamed)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -256,30 +277,38 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_hub(spec: str) -> LoadedModel:
+def _load_hub(spec: str, streamed: bool = False) -> LoadedModel:
     """A hub id: from the local cache when it is there, else downloaded (never with remote code)."""
     try:
-        return _load_pretrained(spec, spec, spec_name(spec), "hub", local_files_only=True)
+        return _load_pretrained(spec, spec, spec_name(spec), "hub", local_files_only=True, streamed=streamed)
     except ModelLoadError:
         if not _hub_reachable():
             raise ModelLoadError(
                 f"'{spec}' is not in the local cache and the model hub cannot be reached (offline?); "
                 "download the model on a connected machine and pass its local folder with --model"
             ) from None
-    return _load_pretrained(spec, spec, spec_name(spec), "hub")
+    return _load_pretrained(spec, spec, spec_name(spec), "hub", streamed=streamed)
 
 
 def _load_pretrained(where: str | Path, source: str, name: str, kind: str,
-                     local_files_only: bool = False) -> LoadedModel:
+                     local_files_only: bool = False, streamed: bool = False) -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False,
                                                   local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(where), dtype=torch.float32, trust_remote_code=False, local_files_only=local_files_only
-        )
+        folder = _safetensors_folder(where, local_files_only) if streamed else None
+        if folder is not None:
+            from aira_opt.source.weights import streamed_model
+
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+            check_architecture(getattr(config, "model_type", "?"), source)
+            model = streamed_model(folder, config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(where), dtype=torch.float32, trust_remote_code=False, local_files_only=local_files_only
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (
@@ -293,11 +322,22 @@ def _load_pretrained(where: str | Path, source: str, name: str, kind: str,
     return LoadedModel(name=name, source=source, kind=kind, model=model, tokenizer=tokenizer)
 
 
+def _safetensors_folder(where: str | Path, local_files_only: bool) -> Path | None:
+    """The local folder of a model's safetensors (a hub id: its snapshot), or None when it has none."""
+    folder = Path(where)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(where), local_files_only=local_files_only,
+                                        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
 def _check_llama_family(model: Any, source: str) -> None:
     check_architecture(getattr(model.config, "model_type", "?"), source)
 
 
-def _load_gguf(path: Path, source: str, name: str, kind: str) -> LoadedModel:
+def _load_gguf(path: Path, source: str, name: str, kind: str, streamed: bool = False) -> LoadedModel:
     """A GGUF file, dequantized by transformers once and cached as a transformers folder keyed by the file's
     sha256, so the slow conversion (mostly its tokenizer) happens once per file."""
     check_architecture(gguf_architecture(path), source)
@@ -325,36 +365,44 @@ def _load_gguf(path: Path, source: str, name: str, kind: str) -> LoadedModel:
         with atomic_folder(folder, force=True) as tmp:
             model.save_pretrained(tmp)
             save_portable(tmp, tokenizer, model.config)
-    loaded = _load_pretrained(folder, source, name, kind)
+    loaded = _load_pretrained(folder, source, name, kind, streamed=streamed)
     loaded.extra["gguf"] = {"file": path.name, "sha256": digest}
     return loaded
 
 
-def _load_random_preset(spec: str, num_layers: int | None) -> LoadedModel:
-    """Aira-2-1B1's exact shape with seeded random weights and the bundled tokenizer's special tokens.
+def _load_random_preset(spec: str, num_layers: int | None, streamed: bool) -> LoadedModel:
+    """A preset's exact shape with seeded random weights and the bundled tokenizer's special tokens, from a
+    checkpoint written once into the cache (bf16 safetensors, tensor by tensor: weights.py) and loaded like any
+    local folder.
 
-    The bundled tokenizer has far fewer than 32005 tokens; that is fine for speed work, where only shapes
-    matter, and every id it produces is valid for the larger embedding.
+    The bundled tokenizer has far fewer tokens than these vocabularies; that is fine for speed work, where only
+    shapes matter, and every id it produces is valid for the larger embedding.
     """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from aira_opt.source.weights import PRESET_DTYPE, write_preset_checkpoint
 
     shape = PRESETS[spec]
     layers = num_layers if num_layers is not None else shape.num_hidden_layers
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    fields = {k: v for k, v in asdict(shape).items() if k not in ("num_hidden_layers", "rope_scaling")}
     config = LlamaConfig(
-        **{k: v for k, v in asdict(shape).items() if k != "num_hidden_layers"},
+        **fields,
+        **({"rope_scaling": dict(shape.rope_scaling)} if shape.rope_scaling else {}),
         num_hidden_layers=layers,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(RANDOM_SEED)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config)
-    model.eval()
     name = model_name(spec, num_layers)
-    extra: dict[str, Any] = {"seed": RANDOM_SEED}
+    key = json.dumps([asdict(shape), layers, RANDOM_SEED, PRESET_DTYPE], sort_keys=True)
+    folder = cache_dir() / "presets" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if not (folder / "config.json").is_file():
+        log.warning("writing %s's random weights once (cached in %s)", name, folder)
+        with atomic_folder(folder, force=True) as tmp:
+            write_preset_checkpoint(config, tokenizer, tmp, RANDOM_SEED)
+    loaded = _load_pretrained(folder, spec, name, "random", streamed=streamed)
+    loaded.extra["seed"] = RANDOM_SEED
     if num_layers is not None:
-        extra["num_layers_override"] = layers  # `check` rebuilds the same baseline from this
-    return LoadedModel(name=name, source=spec, kind="random", model=model, tokenizer=tokenizer, extra=extra)
+        loaded.extra["num_layers_override"] = layers  # `check` rebuilds the same baseline from this
+    return loaded
