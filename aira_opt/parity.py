@@ -33,7 +33,7 @@ from aira_opt.runtime.pytorch import BASELINES, TorchDecoder
 from aira_opt.runners import open_draft, open_runner
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.corpus import CHAT_QUESTIONS, heldout_english, heldout_pairs
-from aira_opt.source.models import LoadedModel, load_model
+from aira_opt.source.models import LoadedModel, load_reference
 from aira_opt.source.prompts import (
     DEFAULT_CHECK_PROMPTS,
     PromptFormat,
@@ -241,7 +241,7 @@ def check_folder(folder: ExportFolder | EngineFolder, model_spec: str | None = N
 
         if not torch.cuda.is_available():
             raise AiraOptError("--baseline cuda-fp16 needs a CUDA GPU visible to PyTorch")
-    loaded = load_model(spec, manifest.num_layers_override if model_spec is None else None)
+    loaded = load_reference(spec, manifest.num_layers_override if model_spec is None else None)
     fmt = folder.prompt_format  # the format the export recorded
     asked = questions if isinstance(questions, list) else load_questions(questions, fmt)
     shared = shared_threads and draft is not None

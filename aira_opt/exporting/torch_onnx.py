@@ -97,7 +97,7 @@ def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:
 
     contract = DecoderContract.from_config(loaded.config)
     weights = getattr(loaded.model, "streamed_weights", None)
-    dtype = torch.float32 if weights is not None else next(loaded.model.parameters()).dtype
+    dtype = next(loaded.model.parameters()).dtype
     traced = _meta_twin(loaded.model) if weights is not None else loaded.model
     inputs = example_inputs(contract, dtype)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
@@ -143,7 +143,7 @@ def _meta_twin(model: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=True):
-        twin = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        twin = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
     twin.to_empty(device="cpu")
     buffers = dict(model.named_buffers())
     for name, buffer in twin.named_buffers():
@@ -160,16 +160,17 @@ def _read_weights_lazily(graph: Any, model: Any, weights: Any) -> None:
 
     buffers = dict(model.named_buffers())  # computed, in memory (the rotary frequencies)
 
-    def reader(name: str, transpose: bool = False) -> Any:
+    def reader(name: str, dtype: Any, transpose: bool = False) -> Any:
         def read() -> Any:
             tensor = buffers[name] if name in buffers else weights[name]
-            array = tensor.detach().to(torch.float32).numpy()
+            array = tensor.detach().to(torch.float32).numpy().astype(dtype.numpy(), copy=False)
             return ir.tensor(np.ascontiguousarray(array.T) if transpose else array)
         return read
 
     for value in list(graph.initializers.values()):
         name = value.name.removeprefix("model.")
-        value.const_value = ir.LazyTensor(reader(name), dtype=value.dtype, shape=value.shape, name=value.name)
+        value.const_value = ir.LazyTensor(reader(name, value.dtype), dtype=value.dtype, shape=value.shape,
+                                          name=value.name)
     for node in list(graph):
         source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
         perm = node.attributes.get("perm")
@@ -179,7 +180,7 @@ def _read_weights_lazily(graph: Any, model: Any, weights: Any) -> None:
         name = source.name.removeprefix("model.")
         rows, cols = source.shape
         folded = ir.Value(name=f"{source.name}_transposed", shape=ir.Shape([cols, rows]), type=source.type,
-                          const_value=ir.LazyTensor(reader(name, transpose=True), dtype=source.dtype,
+                          const_value=ir.LazyTensor(reader(name, source.dtype, transpose=True), dtype=source.dtype,
                                                     shape=ir.Shape([cols, rows])))
         graph.register_initializer(folded)
         node.outputs[0].replace_all_uses_with(folded)

@@ -72,7 +72,9 @@ def run_export(plan: ExportPlan, on_progress: ProgressCallback | None = None,
     """Run `plan`; returns the finished folder. loaded: the model, when the caller has it in memory already."""
     record = plan.variant
     # Loading is not a numbered step: a model that cannot load is one error line, with nothing before it.
-    loaded = loaded or load_model(plan.model, num_layers=plan.num_layers)
+    # Streamed: the weights stay in the checkpoint and are read a tensor (or a layer) at a time, by the exporter,
+    # the recipes and the PyTorch reference alike (source/weights.py).
+    loaded = loaded or load_model(plan.model, num_layers=plan.num_layers, streamed=True)
     steps = Steps(5 if plan.kernel_candidates else 4, on_progress)
     enforce = record.enforce_on_random_weights or loaded.kind != "random"
     tuning = list(plan.kernel_candidates)

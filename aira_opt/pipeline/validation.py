@@ -1,11 +1,13 @@
 """Right after export: the export's runner against PyTorch's, prefill and decode, batch 1 and 2 with left
-padding. Both are driven through the same step interface (runtime.protocol.Decoder) and judged by the one
-comparator (runtime.compare); every miss is collected, then one ValidationError lists them all."""
+padding. Both are driven through the same step interface (runtime.protocol.Decoder), one after the other (the
+reference's logits are kept, a few MB), and judged by the one comparator (runtime.compare); every miss is
+collected, then one ValidationError lists them all."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -51,21 +53,21 @@ def validation_batch(case: ValidationCase, ordinary: np.ndarray, seed: int) -> t
     return ids, mask
 
 
-def compare_runners(reference: Decoder, candidate: Decoder, ordinary: np.ndarray, comparison: Comparison) -> None:
-    """Every case through both runners, step by step with their own caches; each step's real positions go to
-    the comparator (padded positions' logits mean nothing in either)."""
+def case_logits(runner: Decoder, ordinary: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """Every case through one runner, step by step with its own cache: (label, the real positions' logits
+    [N, V]) per step (padded positions' logits mean nothing in any runner). The next tokens are drawn from a
+    seeded generator, never from the logits, so each runner gets the same inputs on its own."""
     for n, case in enumerate(VALIDATION_CASES):
         ids, mask = validation_batch(case, ordinary, seed=n)
         rng = np.random.default_rng(100 + n)
-        ref_cache, cand_cache = reference.empty_cache(case.batch), candidate.empty_cache(case.batch)
+        cache = runner.empty_cache(case.batch)
         step_ids, full_mask = ids, mask  # [B, S], [B, past + S]
         for step in range(case.decode_steps + 1):
             pos = position_ids_from_mask(full_mask, step_ids.shape[1])
-            ref, ref_cache = reference.step(step_ids, full_mask, pos, ref_cache, all_logits=True)
-            cand, cand_cache = candidate.step(step_ids, full_mask, pos, cand_cache, all_logits=True)
+            out, cache = runner.step(step_ids, full_mask, pos, cache, all_logits=True)
             real = full_mask[:, -step_ids.shape[1]:].astype(bool)  # [B, S]
-            label = f"batch {case.batch} len {case.prompt_len} {'prefill' if step == 0 else f'decode {step}'}"
-            comparison.add(label, ref.logits[real], cand.logits[real])  # real positions: [N, V]
+            yield f"batch {case.batch} len {case.prompt_len} {'prefill' if step == 0 else f'decode {step}'}", \
+                out.logits[real]
             step_ids = rng.choice(ordinary, size=(case.batch, 1)).astype(np.int64)
             full_mask = np.concatenate([full_mask, np.ones((case.batch, 1), np.int64)], axis=1)
 
@@ -79,8 +81,12 @@ def validate_export(loaded: LoadedModel, folder: ExportFolder, tolerance: Tolera
     mismatches: list[str] = loaded_contract_problems(loaded, folder)
     ordinary = ordinary_token_ids(loaded.tokenizer, min(loaded.config.vocab_size, len(loaded.tokenizer)))
     comparison = Comparison(tolerance)
-    with TorchDecoder(loaded) as reference, OrtDecoder(folder, provider="cpu") as candidate:
-        compare_runners(reference, candidate, ordinary, comparison)
+    # One runner after the other, never both at once: the export's memory and the reference's do not add up.
+    with TorchDecoder(loaded) as reference:
+        expected = list(case_logits(reference, ordinary))
+    with OrtDecoder(folder, provider="cpu") as candidate:
+        for (label, want), (_, got) in zip(expected, case_logits(candidate, ordinary), strict=True):
+            comparison.add(label, want, got)
     mismatches += comparison.misses
     if mismatches and enforce:
         raise ValidationError(mismatches)

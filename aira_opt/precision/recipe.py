@@ -3,18 +3,16 @@ request. Each variant's record (variants.py) names its recipe; the pipeline call
 
 from __future__ import annotations
 
-import gc
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import onnx
 
 from aira_opt.exporting.exporters import Exporter
-from aira_opt.exporting.onnx_files import remove_model_files, save_model
-from aira_opt.precision.fusing import fuse_and_pack
+from aira_opt.exporting.onnx_files import remove_model_files
+from aira_opt.precision.streaming import keep_weights, rewrite_by_layer
 from aira_opt.source.models import LoadedModel
 
 
@@ -97,9 +95,6 @@ def as_exported(job: RecipeInput) -> RecipeOutput:
             target = job.output.parent / part.name.replace(source.path.name, job.output.name, 1)
             (shutil.move if source.owned else shutil.copy2)(str(part), str(target))
         return RecipeOutput()
-    gc.collect()  # the exporter's garbage must go before the weights come in again
-    model = onnx.load(str(source.path))
-    fusion = fuse_and_pack(model, job.loaded.config)
     remove_model_files(job.output)
-    save_model(model, job.output)
+    _, fusion = rewrite_by_layer(source.path, job.output, keep_weights, job.loaded.config)
     return RecipeOutput(fusion=fusion)

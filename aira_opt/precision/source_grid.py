@@ -45,7 +45,7 @@ def on_grid(weight: np.ndarray, block: int) -> GridWeight | None:
     k, n = weight.shape
     if k % block:
         return None
-    blocks = weight.astype(np.float32).reshape(k // block, block, n)  # [K / block, block, N]
+    blocks = weight.astype(np.float32, copy=False).reshape(k // block, block, n)  # [K / block, block, N]
     low = blocks.min(axis=1)  # [K / block, N]
     scale = (blocks.max(axis=1) - low) / (LEVELS - 1)  # the min and max sit on q = 0 and q = 15
     safe = np.where(scale > 0, scale, 1.0)
@@ -61,7 +61,7 @@ def on_symmetric_grid(weight: np.ndarray, block: int) -> GridWeight | None:
     k, n = weight.shape
     if k % block:
         return None
-    blocks = weight.astype(np.float32).reshape(k // block, block, n)  # [K / block, block, N]
+    blocks = weight.astype(np.float32, copy=False).reshape(k // block, block, n)  # [K / block, block, N]
     scale = np.abs(blocks).max(axis=1) / SYMMETRIC_MAX  # [K / block, N]
     steps = blocks / np.where(scale > 0, scale, 1.0)[:, None, :]
     q = np.rint(steps)
@@ -107,7 +107,10 @@ def _on_grids(model: onnx.ModelProto, find: Callable[[np.ndarray, int], GridWeig
                 or (only is not None and node.name not in only)):
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
-        grid = find(weight, GRID_BLOCK) if weight.ndim == 2 else None
+        # Every block must lie on a grid: the first row of blocks decides most weights (those in float) without
+        # the whole weight's temporaries, which for a large head are several times its size.
+        grid = (find(weight, GRID_BLOCK) if weight.ndim == 2 and find(weight[:GRID_BLOCK], GRID_BLOCK) is not None
+                else None)
         if grid is not None:
             yield index, node, grid
 

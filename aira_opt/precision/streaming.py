@@ -134,11 +134,12 @@ def weights_of(model: onnx.ModelProto, nodes: list[str]) -> set[str]:
     return wanted
 
 
-def quantize_streamed(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse_config: Any | None = None
+def rewrite_by_layer(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse_config: Any | None = None
                       ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run a recipe chunk by chunk from fp32_path (model.onnx with its data) to out_path: attention fused first
     (graph only), then per layer: load its weights, pack them, `quantize_chunk(model, scope)` (returns the model
-    and the chunk's record), write them out. Returns the chunks' records and the fusion record."""
+    and the chunk's record; `keep_weights` for a fused fp32 graph), write them out. Returns the chunks' records
+    and the fusion record."""
     deferred = DeferredWeights(fp32_path)
     model = deferred.model
     fusion = None
@@ -161,9 +162,9 @@ def quantize_streamed(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse
             if head is not None and head.name in chunk:
                 scope.add(head.name)
             model, record = quantize_chunk(model, scope)
-            deferred.model = model
             records.append(record)
             writer.offload(model, keep=later[layer])
+            model = deferred.model = _fresh(model)
         if fusion is not None:
             fusion["nodes_after"] = len(model.graph.node)
         writer.copy_through(model, deferred.base)
@@ -173,6 +174,20 @@ def quantize_streamed(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse
     return records, fusion
 
 
+def _fresh(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph in a new message. Python's protobuf (upb) keeps a message's bytes in an arena that is freed
+    only with the whole message: weights removed or offloaded from it would stay resident until the end. With
+    the chunk's weights written out, the graph alone is small to copy."""
+    fresh = onnx.ModelProto()
+    fresh.ParseFromString(model.SerializeToString())
+    return fresh
+
+
 def _after(layer: int | None, than: int | None) -> bool:
     """Whether chunk `layer` comes after chunk `than` (the head's chunk, None, comes last)."""
     return than is not None and (layer is None or layer > than)
+
+
+def keep_weights(model: onnx.ModelProto, scope: set[str]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The chunk step of a recipe that only fuses and packs."""
+    return model, {}

@@ -20,7 +20,7 @@ from aira_opt.precision.graph import weight_matmuls
 from aira_opt.precision.head import head_matmul, own_head, untie_head
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_record, calibration_sequences
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
-from aira_opt.precision.streaming import quantize_streamed
+from aira_opt.precision.streaming import rewrite_by_layer
 from aira_opt.precision.source_grid import GRID_BLOCK, store_source_grids, store_symmetric_grids
 
 
@@ -114,7 +114,7 @@ def quantize_weight_only(fp32_path: Path, out_path: Path, settings: WeightOnlySe
         model, record, _ = quantize_model(model, settings, scope=scope)
         return model, record
 
-    records, fusion = quantize_streamed(fp32_path, out_path, chunk, fuse_config)
+    records, fusion = rewrite_by_layer(fp32_path, out_path, chunk, fuse_config)
     grid_nodes = sum(r["source_grid_nodes"] for r in records)
     quantization = {**records[-1], "quantized_nodes": sum(r["quantized_nodes"] for r in records),
                     "source_grid_nodes": grid_nodes, **({"source_grid_block_size": GRID_BLOCK} if grid_nodes else {})}

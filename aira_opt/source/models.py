@@ -143,6 +143,11 @@ class LoadedModel:
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the weights stay in the checkpoint, read a module at a time (weights.streamed_model)."""
+        return getattr(self.model, "streamed_weights", None) is not None
+
     def describe(self) -> dict[str, Any]:
         cfg = self.model.config
         return {
@@ -258,6 +263,31 @@ def load_model(spec: str, num_layers: int | None = None, streamed: bool = False)
             f"unknown model '{spec}': use {', '.join(known_specs())}, a local folder, or a hub id like {AIRA_HUB_ID}"
         )
     return _load_hub(spec, streamed)
+
+
+def load_reference(spec: str, num_layers: int | None = None) -> LoadedModel:
+    """The PyTorch reference `check` compares against: whole in memory when its fp32 weights take at most half
+    of the memory available now (fast), else streamed a layer at a time (slower per token: every step reads the
+    checkpoint again, but it runs in the memory of one layer)."""
+    streamed = load_model(spec, num_layers, streamed=True)
+    if not streamed.streamed:  # no safetensors: it loaded whole anyway
+        return streamed
+    fp32_bytes = 4 * streamed.describe()["num_parameters"]
+    if fp32_bytes <= available_memory() // 2:
+        return load_model(spec, num_layers)
+    log.warning("the fp32 reference (%.1f GB) is streamed from its checkpoint a layer at a time", fp32_bytes / 1e9)
+    return streamed
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (Linux's MemAvailable; elsewhere, a large number)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -403,6 +433,7 @@ def _load_random_preset(spec: str, num_layers: int | None, streamed: bool) -> Lo
             write_preset_checkpoint(config, tokenizer, tmp, RANDOM_SEED)
     loaded = _load_pretrained(folder, spec, name, "random", streamed=streamed)
     loaded.extra["seed"] = RANDOM_SEED
+    loaded.extra["weights"] = folder.name  # which draw: exports of older draws are not reused for this one
     if num_layers is not None:
         loaded.extra["num_layers_override"] = layers  # `check` rebuilds the same baseline from this
     return loaded

@@ -108,6 +108,10 @@ def streamed_model(folder: Path, config: Any) -> Any:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
     weights = SafetensorsWeights(folder)
     tied = getattr(config, "tie_word_embeddings", False)
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
