@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from aira_opt.core.errors import MissingExtraError, OptionError
-from aira_opt.exporting.onnx_files import remove_model_files, save_model
+from aira_opt.exporting.onnx_files import TIED_TRANSPOSE, remove_model_files, save_model
 from aira_opt.source.models import LoadedModel
 
 OPSET = 18  # TensorRT 10+/11's ONNX parser supports it; optimum's default for Llama
@@ -98,7 +98,7 @@ def tie_embeddings(path: Path) -> bool:
         return False
     copy = head.input[1]
     graph.node.insert(0, helper.make_node("Transpose", [table], [f"{table}_transposed"], perm=[1, 0],
-                                          name="tied_lm_head_transpose"))  # reads only an initializer
+                                          name=TIED_TRANSPOSE))  # reads only an initializer
     head.input[1] = f"{table}_transposed"
     for k in reversed(range(len(graph.initializer))):  # in place: no copy of the other weights
         if graph.initializer[k].name == copy:

@@ -10,6 +10,7 @@ import onnx
 # Weights above this go to model.onnx_data. Past protobuf's 2 GB limit it is required; well below it, it pays:
 # ONNX Runtime memory-maps external data, which lowers peak RSS and load time (benchmarks/README.md).
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
+TIED_TRANSPOSE = "tied_lm_head_transpose"  # the node through which a tied head reads the embedding table
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

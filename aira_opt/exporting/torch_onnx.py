@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from aira_opt.core.contract import BATCH, PAST, SEQ, DecoderContract
-from aira_opt.exporting.onnx_files import EXTERNAL_DATA_THRESHOLD
+from aira_opt.exporting.onnx_files import EXTERNAL_DATA_THRESHOLD, TIED_TRANSPOSE
 from aira_opt.source.compat import cache_from_pairs, forward, pairs_from_cache
 from aira_opt.source.models import LoadedModel
 
@@ -132,7 +132,25 @@ def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:
     # where they are (model.onnx_data for large models).
     graph_only = onnx.load(str(path), load_external_data=False)
     del graph_only.graph.value_info[:]
+    name_tied_transpose(graph_only.graph)
     onnx.save_model(graph_only, str(path))
+
+
+def name_tied_transpose(graph: onnx.GraphProto) -> None:
+    """A head that reads the embedding table through a Transpose of its own (a tied model traced without its
+    weights, where nothing folds it) gets the node tie_embeddings writes when it removes a folded copy: first, by
+    the same names, so an export is the same graph whichever way the weights came."""
+    inits = {i.name for i in graph.initializer}
+    node = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits
+                 and any(m.op_type == "Gather" and m.input[0] == n.input[0] for m in graph.node)), None)
+    if node is None or node.name == TIED_TRANSPOSE:
+        return
+    old, new = node.output[0], f"{node.input[0]}_transposed"
+    for other in graph.node:
+        other.input[:] = [new if i == old else i for i in other.input]
+    node.output[0], node.name = new, TIED_TRANSPOSE
+    graph.node.remove(node)
+    graph.node.insert(0, node)
 
 
 def _meta_twin(model: Any) -> Any:
@@ -145,6 +163,8 @@ def _meta_twin(model: Any) -> Any:
     with init_empty_weights(include_buffers=True):
         twin = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
     twin.to_empty(device="cpu")
+    if getattr(model.config, "tie_word_embeddings", False):  # to_empty gives each name a tensor of its own
+        twin.lm_head.weight = twin.get_input_embeddings().weight
     buffers = dict(model.named_buffers())
     for name, buffer in twin.named_buffers():
         buffer.copy_(buffers[name])

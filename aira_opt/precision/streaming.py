@@ -148,7 +148,7 @@ def rewrite_by_layer(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse_
         fusion["fused_residual_norms"] = fuse_residual_norms(model)
         fusion["packed_matmul_groups"] = 0
     writer = DataWriter(out_path.parent / (out_path.name + "_data"))
-    records = []
+    records, added = [], 0
     try:
         chunks = layer_chunks(model)
         later = {layer: weights_of(model, [n for k, c in chunks.items() for n in c if _after(k, layer)])
@@ -161,12 +161,14 @@ def rewrite_by_layer(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse_
             scope = {n for n in weight_matmuls(model) if layer_of(n) == layer}  # packed ones renamed in place
             if head is not None and head.name in chunk:
                 scope.add(head.name)
+            before = len(model.graph.node)
             model, record = quantize_chunk(model, scope)
+            added += len(model.graph.node) - before  # the fusion record counts the graph before quantization
             records.append(record)
             writer.offload(model, keep=later[layer])
             model = deferred.model = _fresh(model)
         if fusion is not None:
-            fusion["nodes_after"] = len(model.graph.node)
+            fusion["nodes_after"] = len(model.graph.node) - added
         writer.copy_through(model, deferred.base)
     finally:
         writer.close()

@@ -20,6 +20,7 @@ from typing import Any
 from aira_opt.core.artifacts import atomic_folder, sha256_file
 from aira_opt.core.errors import ModelLoadError
 from aira_opt.source.compat import save_portable, transformers_major
+from aira_opt.source.weights import PRESET_DTYPE, streamed_model, write_preset_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +331,6 @@ def _load_pretrained(where: str | Path, source: str, name: str, kind: str,
                                                   local_files_only=local_files_only)
         folder = _safetensors_folder(where, local_files_only) if streamed else None
         if folder is not None:
-            from aira_opt.source.weights import streamed_model
-
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
             check_architecture(getattr(config, "model_type", "?"), source)
             model = streamed_model(folder, config)
@@ -409,8 +408,6 @@ def _load_random_preset(spec: str, num_layers: int | None, streamed: bool) -> Lo
     shapes matter, and every id it produces is valid for the larger embedding.
     """
     from transformers import AutoTokenizer, LlamaConfig
-
-    from aira_opt.source.weights import PRESET_DTYPE, write_preset_checkpoint
 
     shape = PRESETS[spec]
     layers = num_layers if num_layers is not None else shape.num_hidden_layers
