@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -123,8 +124,8 @@ def export_graph(loaded: LoadedModel, folder: Path, opset: int) -> None:
     path = folder / "model.onnx"
     size = sum(v.const_value.size * v.const_value.dtype.itemsize for v in model.graph.initializers.values()
                if v.const_value is not None)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        ir.save(model, path, external_data=path.name + "_data")
+    if size > EXTERNAL_DATA_THRESHOLD:  # tensors read and written on every core, a bounded amount in flight
+        ir.save(model, path, external_data=path.name + "_data", max_workers=os.cpu_count())
     else:
         ir.save(model, path)
     del program, model

@@ -46,6 +46,9 @@ class SafetensorsWeights(Mapping[str, Any]):
         with safe_open(str(self.files[name]), framework="pt") as f:  # KeyError for a name the folder lacks
             return f.get_tensor(name).to(torch.float32)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self.files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
 
@@ -134,6 +137,9 @@ class StreamedWeights(Mapping[str, Any]):
 
     def __getitem__(self, name: str) -> Any:
         return self.weights[self.source_name(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self.names))
