@@ -66,12 +66,12 @@ def converter_source() -> Path:
     return tree
 
 
-def convert_f32(checkpoint: Path, out: Path) -> None:
+def convert(checkpoint: Path, out: Path, outtype: str = "f32") -> None:
     tree = converter_source()
     tmp = out.with_name(out.name + ".tmp")
     try:
         subprocess.run([sys.executable, "-c", CONVERT, str(tree), str(tree / "convert_hf_to_gguf.py"),
-                        str(checkpoint), "--outtype", "f32", "--outfile", str(tmp)], check=True)
+                        str(checkpoint), "--outtype", outtype, "--outfile", str(tmp)], check=True)
         tmp.rename(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -97,18 +97,21 @@ if __name__ == "__main__":
     parser.add_argument("checkpoint", type=Path, help="a transformers checkpoint (benchmarks/save_checkpoint.py)")
     parser.add_argument("output", type=Path)
     parser.add_argument("--types", default="f32,Q8_0,Q4_0,Q4_K_M",
-                        help=f"f32 and any of {', '.join(QUANT_TYPES)}, comma-separated")
+                        help=f"the converted file's type and any of {', '.join(QUANT_TYPES)}, comma-separated")
+    parser.add_argument("--convert-to", default="f32", choices=["f32", "f16", "bf16"],
+                        help="the converter's output type, which the quantizer starts from (f16/bf16: half the "
+                        "disk of f32; exact for a bf16 checkpoint)")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.types.split(",") if k.strip()]
-    unknown = [k for k in kinds if k != "f32" and k not in QUANT_TYPES]
+    unknown = [k for k in kinds if k != args.convert_to and k not in QUANT_TYPES]
     if unknown:
-        sys.exit(f"unknown GGUF type(s) {unknown}; choose from f32, {', '.join(QUANT_TYPES)}")
+        sys.exit(f"unknown GGUF type(s) {unknown}; choose from {args.convert_to}, {', '.join(QUANT_TYPES)}")
     args.output.mkdir(parents=True, exist_ok=True)
-    f32 = args.output / "model-f32.gguf"
-    if not f32.is_file():
-        convert_f32(args.checkpoint, f32)
+    converted = args.output / f"model-{args.convert_to}.gguf"
+    if not converted.is_file():
+        convert(args.checkpoint, converted, args.convert_to)
     for kind in kinds:
         target = args.output / f"model-{kind}.gguf"
-        if kind != "f32" and not target.is_file():
-            quantize(f32, target, kind)
+        if kind != args.convert_to and not target.is_file():
+            quantize(converted, target, kind)
         print(f"{target}  {target.stat().st_size / 1e6:.0f} MB")

@@ -187,3 +187,25 @@ def test_a_streamed_exports_memory_does_not_grow_with_the_model(tmp_path):
     assert peaks["memory", 4]["peak"] - peaks["memory", 1]["peak"] > added, peaks
     assert peaks["streamed", 4]["peak"] - peaks["streamed", 1]["peak"] < 0.2 * added, peaks
     assert peaks["streamed", 4]["peak"] < peaks["memory", 4]["peak"] - added, peaks
+
+
+def test_an_export_run_in_pieces_gives_the_whole_sessions_logits(tiny, tiny_export):
+    """Validation's way to run a large standard-op export: consecutive pieces of its graph, one session at a
+    time; with a budget small enough to cut aira-tiny into several pieces, the logits equal one session's."""
+    from aira_opt.folders import ExportFolder
+    from aira_opt.pipeline.validation import case_logits, case_steps
+    from aira_opt.runtime.ort import OrtDecoder
+    from aira_opt.runtime.pieces import run_in_pieces, split
+    from aira_opt.source.prompts import ordinary_token_ids
+
+    folder = ExportFolder(tiny_export)
+    steps = case_steps(ordinary_token_ids(tiny.tokenizer, len(tiny.tokenizer)))
+    budget = 200_000  # aira-tiny's 2.7 MB of weights: a dozen pieces
+    assert len(split(onnx.load(str(folder.model_path), load_external_data=False), budget)) > 5
+    with OrtDecoder(folder) as whole:
+        expected = list(case_logits(whole, steps))
+    pieces = run_in_pieces(folder, [step for _, step in steps], budget=budget)
+    assert len(pieces) == len(expected) == 12
+    for want, got in zip(expected, pieces):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert not list(folder.path.glob(".pieces-*"))  # the scratch folder is gone

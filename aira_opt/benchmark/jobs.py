@@ -64,7 +64,7 @@ def _tokenizer_and_format(sources: BenchSources) -> tuple[object, object]:
     elif export is not None:
         tokenizer = export.tokenizer
     else:
-        tokenizer = load_model(sources.model_spec).tokenizer
+        tokenizer = load_model(sources.model_spec, streamed=True).tokenizer  # the weights are not read
     fmt = read_format(export.path, tokenizer) if export is not None else detect_format(tokenizer)
     return tokenizer, fmt
 

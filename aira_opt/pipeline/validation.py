@@ -20,6 +20,7 @@ from aira_opt.folders import ExportFolder
 from aira_opt.precision.variants import Tolerance
 from aira_opt.runtime.compare import Comparison
 from aira_opt.runtime.ort import OrtDecoder
+from aira_opt.runtime.pieces import PIECE_BYTES, Step, run_in_pieces
 from aira_opt.runtime.pytorch import TorchDecoder
 from aira_opt.runtime.protocol import Decoder
 from aira_opt.source.models import LoadedModel
@@ -53,23 +54,35 @@ def validation_batch(case: ValidationCase, ordinary: np.ndarray, seed: int) -> t
     return ids, mask
 
 
-def case_logits(runner: Decoder, ordinary: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-    """Every case through one runner, step by step with its own cache: (label, the real positions' logits
-    [N, V]) per step (padded positions' logits mean nothing in any runner). The next tokens are drawn from a
-    seeded generator, never from the logits, so each runner gets the same inputs on its own."""
+def case_steps(ordinary: np.ndarray) -> list[tuple[str, Step]]:
+    """Every case's forward passes, labelled: prefill, then decode steps whose tokens come from a seeded generator,
+    never from the logits, so any runner gets the same inputs on its own."""
+    steps = []
     for n, case in enumerate(VALIDATION_CASES):
         ids, mask = validation_batch(case, ordinary, seed=n)
         rng = np.random.default_rng(100 + n)
-        cache = runner.empty_cache(case.batch)
         step_ids, full_mask = ids, mask  # [B, S], [B, past + S]
         for step in range(case.decode_steps + 1):
-            pos = position_ids_from_mask(full_mask, step_ids.shape[1])
-            out, cache = runner.step(step_ids, full_mask, pos, cache, all_logits=True)
-            real = full_mask[:, -step_ids.shape[1]:].astype(bool)  # [B, S]
-            yield f"batch {case.batch} len {case.prompt_len} {'prefill' if step == 0 else f'decode {step}'}", \
-                out.logits[real]
+            label = f"batch {case.batch} len {case.prompt_len} {'prefill' if step == 0 else f'decode {step}'}"
+            steps.append((label, Step(n, step_ids, full_mask, position_ids_from_mask(full_mask, step_ids.shape[1]))))
             step_ids = rng.choice(ordinary, size=(case.batch, 1)).astype(np.int64)
             full_mask = np.concatenate([full_mask, np.ones((case.batch, 1), np.int64)], axis=1)
+    return steps
+
+
+def case_logits(runner: Decoder, steps: list[tuple[str, Step]]) -> Iterator[np.ndarray]:
+    """Each step through one runner with a cache per case: the logits [B, S, V]."""
+    caches: dict[int, Any] = {}
+    for _, step in steps:
+        cache = caches.get(step.case) or runner.empty_cache(step.input_ids.shape[0])
+        out, caches[step.case] = runner.step(step.input_ids, step.attention_mask, step.position_ids, cache,
+                                             all_logits=True)
+        yield out.logits
+
+
+def real_positions(step: Step) -> np.ndarray:
+    """[B, S] True where a step's position is a token, not left padding (padded logits mean nothing)."""
+    return step.attention_mask[:, -step.input_ids.shape[1]:].astype(bool)
 
 
 def validate_export(loaded: LoadedModel, folder: ExportFolder, tolerance: Tolerance,
@@ -81,18 +94,37 @@ def validate_export(loaded: LoadedModel, folder: ExportFolder, tolerance: Tolera
     mismatches: list[str] = loaded_contract_problems(loaded, folder)
     ordinary = ordinary_token_ids(loaded.tokenizer, min(loaded.config.vocab_size, len(loaded.tokenizer)))
     comparison = Comparison(tolerance)
+    steps = case_steps(ordinary)
     # One runner after the other, never both at once: the export's memory and the reference's do not add up.
     with TorchDecoder(loaded) as reference:
-        expected = list(case_logits(reference, ordinary))
-    with OrtDecoder(folder, provider="cpu") as candidate:
-        for (label, want), (_, got) in zip(expected, case_logits(candidate, ordinary), strict=True):
-            comparison.add(label, want, got)
+        expected = [logits[real_positions(step)] for logits, (_, step) in zip(case_logits(reference, steps), steps)]
+    for (label, step), want, have in zip(steps, expected, export_logits(folder, steps), strict=True):
+        comparison.add(label, want, have[real_positions(step)])
     mismatches += comparison.misses
     if mismatches and enforce:
         raise ValidationError(mismatches)
     return {"max_abs_logit_diff": comparison.max_abs_logit_diff, "min_cosine": comparison.min_cosine,
             "tolerance": asdict(tolerance), "enforced": enforce, "misses": mismatches,
             "cases": [{k: c[k] for k in ("case", "max_abs_logit_diff", "min_cosine")} for c in comparison.cases]}
+
+
+def export_logits(folder: ExportFolder, steps: list[tuple[str, Step]]) -> Iterator[np.ndarray]:
+    """The export's logits [B, S, V] for each step: one session, or piece by piece when it is large."""
+    if in_pieces(folder):
+        yield from run_in_pieces(folder, [step for _, step in steps])
+        return
+    with OrtDecoder(folder, provider="cpu") as candidate:
+        yield from case_logits(candidate, steps)
+
+
+def in_pieces(folder: ExportFolder) -> bool:
+    """Whether validation runs the export in pieces (runtime/pieces.py): a standard-op graph whose weights are
+    more than a piece may hold. Fused graphs (contrib ops) and small exports run whole."""
+    data = folder.model_path.with_name(folder.model_path.name + "_data")
+    if not data.is_file() or data.stat().st_size <= PIECE_BYTES:
+        return False
+    model = onnx.load(str(folder.model_path), load_external_data=False)
+    return not any(n.domain == "com.microsoft" for n in model.graph.node)
 
 
 def loaded_contract_problems(loaded: LoadedModel, folder: ExportFolder) -> list[str]:

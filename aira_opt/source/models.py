@@ -145,6 +145,12 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def checkpoint(self) -> Path | None:
+        """The safetensors folder a streamed model reads (other converters can start from it), else None."""
+        weights = getattr(self.model, "streamed_weights", None)
+        return weights.weights.folder if weights is not None else None
+
+    @property
     def streamed(self) -> bool:
         """Whether the weights stay in the checkpoint, read a module at a time (weights.streamed_model)."""
         return getattr(self.model, "streamed_weights", None) is not None
