@@ -142,25 +142,66 @@ def heldout_texts(tokenizer: Any, fmt: PromptFormat) -> list[list[int]]:
     return [bos + text_ids(tokenizer, paragraph) for paragraph in heldout_english()]
 
 
+def thresholds(precision: str) -> Thresholds:
+    """check's bar for a precision, or a one-line error naming the known ones."""
+    if precision not in VARIANTS:
+        raise AiraOptError(f"no parity thresholds for precision '{precision}'; known: {', '.join(VARIANTS)}")
+    return VARIANTS[precision].thresholds
+
+
+@dataclass
+class ReferencePass:
+    """What the PyTorch reference said, before any export runs (so the two never share the memory): each
+    prompt's ids, greedy tokens and the logits at those tokens, and the held-out texts with their NLL."""
+
+    baseline: str
+    prompts: list[tuple[str, list[int], list[int], np.ndarray]]  # question, ids, greedy tokens, logits [T, V]
+    heldout: list[list[int]]
+    nll: float  # summed over every held-out token
+    tokens: int
+
+
+def reference_pass(loaded: LoadedModel, questions: list[str], max_new_tokens: int, fmt: PromptFormat,
+                   quiet: bool = False, baseline: str = "cpu-fp32") -> ReferencePass:
+    """The reference's half of `check`: greedy sequences, their logits, held-out perplexity."""
+    tok = loaded.tokenizer
+    prompts = []
+    with TorchDecoder(loaded, baseline) as reference:
+        for question in bar(questions, "check prompts (PyTorch)", quiet=quiet):
+            ids = prompt_ids(tok, question, fmt)
+            tokens = reference.greedy(ids, max_new_tokens, list(fmt.stop_ids), fmt.pad_id)
+            logits = sequence_logits(reference, ids + tokens)[len(ids) - 1: len(ids) - 1 + len(tokens)]
+            prompts.append((question, ids, tokens, logits))
+        heldout = heldout_texts(tok, fmt)
+        nll = count = 0.0
+        for ids in heldout:
+            a, n = perplexity(sequence_logits(reference, ids), ids)
+            nll, count = nll + a, count + n
+    return ReferencePass(baseline, prompts, heldout, nll, int(count))
+
+
 def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: list[str],
               max_new_tokens: int, fmt: PromptFormat, quiet: bool = False, baseline: str = "cpu-fp32",
               speculation: Speculation | None = None, draft: Decoder | None = None) -> CheckReport:
     """Both runners on the same prompts (in the export's recorded format), judged by the variant's thresholds.
     speculation (and its draft runner): our greedy sequences come from the loop that speculates."""
-    if precision not in VARIANTS:
-        raise AiraOptError(f"no parity thresholds for precision '{precision}'; known: {', '.join(VARIANTS)}")
-    limits = VARIANTS[precision].thresholds
-    tok = loaded.tokenizer
-    reference = TorchDecoder(loaded, baseline).activate()
+    expected = reference_pass(loaded, questions, max_new_tokens, fmt, quiet, baseline)
+    return judge_export(expected, decoder, precision, loaded.tokenizer, max_new_tokens, fmt, quiet, speculation,
+                        draft)
+
+
+def judge_export(expected: ReferencePass, decoder: Decoder, precision: str, tok: Any, max_new_tokens: int,
+                 fmt: PromptFormat, quiet: bool = False, speculation: Speculation | None = None,
+                 draft: Decoder | None = None) -> CheckReport:
+    """The export's half of `check`: its greedy sequences, its logits teacher-forced on the reference's tokens and
+    its held-out perplexity, judged against the reference pass by the variant's thresholds."""
+    limits = thresholds(precision)
     comparison = Comparison()  # check judges the whole report by the variant's thresholds (judge), not per case
     per_prompt: list[PromptResult] = []
     speculated: list[dict] = []
-    for question in bar(questions, "check prompts", quiet=quiet):
-        ids = prompt_ids(tok, question, fmt)
-        ref_tokens = reference.greedy(ids, max_new_tokens, list(fmt.stop_ids), fmt.pad_id)
+    for question, ids, ref_tokens, ref_logits in bar(expected.prompts, "check prompts (export)", quiet=quiet):
         onnx_tokens, record = greedy_tokens(decoder, ids, max_new_tokens, fmt, speculation, draft)
         speculated += [record] if record else []
-        ref_logits = sequence_logits(reference, ids + ref_tokens)[len(ids) - 1: len(ids) - 1 + len(ref_tokens)]
         cand_logits = teacher_forced_logits(decoder, ids, ref_tokens)
         stats = comparison.add(question, ref_logits, cand_logits)
         per_prompt.append(PromptResult(
@@ -169,20 +210,14 @@ def run_check(loaded: LoadedModel, decoder: Decoder, precision: str, questions: 
             top1_agreement=stats["top1_agreement"], max_abs_logit_diff=stats["max_abs_logit_diff"],
             min_cosine=stats["min_cosine"],
         ))
-
-    nll_t = nll_o = 0.0
-    count = 0
-    for ids in heldout_texts(tok, fmt):
-        a, n = perplexity(sequence_logits(reference, ids), ids)
-        b, _ = perplexity(sequence_logits(decoder, ids), ids)
-        nll_t, nll_o, count = nll_t + a, nll_o + b, count + n
-
+    nll_o = sum(perplexity(sequence_logits(decoder, ids), ids)[0] for ids in expected.heldout)
     report = CheckReport(
-        passed=False, precision=precision, provider=decoder.provider, baseline=baseline, prompts=len(questions),
-        greedy_exact_match=sum(p.greedy_match for p in per_prompt), top1_agreement=comparison.top1_agreement,
-        max_abs_logit_diff=comparison.max_abs_logit_diff, min_cosine=comparison.min_cosine,
-        perplexity_torch=float(np.exp(nll_t / count)), perplexity_onnx=float(np.exp(nll_o / count)),
-        thresholds=asdict(limits), failures=[], per_prompt=per_prompt, speculation=_totals(speculated),
+        passed=False, precision=precision, provider=decoder.provider, baseline=expected.baseline,
+        prompts=len(expected.prompts), greedy_exact_match=sum(p.greedy_match for p in per_prompt),
+        top1_agreement=comparison.top1_agreement, max_abs_logit_diff=comparison.max_abs_logit_diff,
+        min_cosine=comparison.min_cosine, perplexity_torch=float(np.exp(expected.nll / expected.tokens)),
+        perplexity_onnx=float(np.exp(nll_o / expected.tokens)), thresholds=asdict(limits), failures=[],
+        per_prompt=per_prompt, speculation=_totals(speculated),
     )
     report.failures = judge(report, limits)
     report.passed = not report.failures
@@ -244,14 +279,20 @@ def check_folder(folder: ExportFolder | EngineFolder, model_spec: str | None = N
     loaded = load_reference(spec, manifest.num_layers_override if model_spec is None else None)
     fmt = folder.prompt_format  # the format the export recorded
     asked = questions if isinstance(questions, list) else load_questions(questions, fmt)
+    thresholds(manifest.precision)  # an unknown precision is an error before the slow part
+    # The reference first, then the export: their memory never adds up (a streamed reference reads a layer at a
+    # time; one in memory is released before the export opens).
+    expected = reference_pass(loaded, asked, max_new_tokens, fmt, quiet, baseline)
+    tokenizer = loaded.tokenizer
+    del loaded
     shared = shared_threads and draft is not None
     draft_runner = open_draft(folder, draft, provider, threads, shared) if draft is not None else None
     with open_runner(folder, provider, threads, shared_threads=shared) as decoder:
         if draft_runner is not None:
             draft_runner.activate()
         try:
-            report = run_check(loaded, decoder, manifest.precision, asked, max_new_tokens, fmt, quiet=quiet,
-                               baseline=baseline, speculation=speculation, draft=draft_runner)
+            report = judge_export(expected, decoder, manifest.precision, tokenizer, max_new_tokens, fmt,
+                                  quiet=quiet, speculation=speculation, draft=draft_runner)
         finally:
             if draft_runner is not None:
                 draft_runner.deactivate()

@@ -47,17 +47,23 @@ def tree_rss(process: psutil.Process) -> int:
 
 
 def measure(command: list[str], cwd: Path) -> dict:
-    """Run `command` in `cwd`; its wall time, peak resident memory (process tree, polled) and exit code."""
+    """Run `command` in `cwd`; its wall time, peak resident memory (process tree, polled) and exit code. Its
+    output goes to a file (a pipe nobody reads while it runs would fill and stall a chatty converter)."""
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                             env=source_tree_env())
-    process, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        peak = max(peak, tree_rss(process))
-        time.sleep(POLL_S)
-    stderr = child.stderr.read() if child.stderr else ""
+    with tempfile.TemporaryFile("w+") as log:
+        try:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                     env=source_tree_env())
+        except OSError as exc:
+            return {"seconds": None, "peak_rss_gb": None, "returncode": None, "error": str(exc)}
+        process, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            peak = max(peak, tree_rss(process))
+            time.sleep(POLL_S)
+        log.seek(0)
+        lines = log.read().strip().splitlines()
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak / 1e9, 2),
-            "returncode": child.returncode, "error": stderr.strip().splitlines()[-1] if child.returncode else ""}
+            "returncode": child.returncode, "error": lines[-1] if child.returncode and lines else ""}
 
 
 def disk_bytes(folder: Path) -> int:
@@ -128,11 +134,17 @@ def main() -> None:
     parser.add_argument("--openvino-python", default=None, help="the OpenVINO environment's interpreter")
     parser.add_argument("--optimum-python", default=None, help="the optimum-onnx environment's interpreter")
     parser.add_argument("--scratch", type=Path, default=None, help="where outputs go (default: a temp folder)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each output in this folder (for bench)")
+    parser.add_argument("--rows-from", type=Path, action="append", default=[],
+                        help="a JSON report of an earlier run (this script's) whose rows join the table")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    rows = []
+    for name in ("openvino_python", "optimum_python"):  # the commands run in the scratch folder
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).absolute()))
+    rows = [row for path in args.rows_from for row in json.loads(path.read_text())["results"]]
     with tempfile.TemporaryDirectory(prefix="export-cost-", dir=args.scratch) as scratch:
         for model in args.models.split(","):
             count = parameters(model)
@@ -144,7 +156,8 @@ def main() -> None:
                 jobs.append((peer.split("-")[0], peer.partition("-")[2], command))
             for tool, precision, command in jobs:
                 out = Path(scratch) / f"{model}-{tool}-{precision}"
-                row = {"tool": tool, "model": model, "parameters": count, "precision": precision}
+                row = {"tool": tool, "model": model, "parameters": count, "precision": precision,
+                       "command": " ".join(command) if command else None}
                 if command is None:
                     row.update(seconds=None, peak_rss_gb=None, returncode=None, disk_gb=None,
                                error="its environment was not given")
@@ -154,6 +167,9 @@ def main() -> None:
                     row["disk_gb"] = round(disk_bytes(out) / 1e9, 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.keep and out.exists():
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(out), str(args.keep / out.name))
                 shutil.rmtree(out, ignore_errors=True)  # disk: the next one needs the room
     report = {"machine": machine_info(None, float("nan")), "command": " ".join(sys.argv), "results": rows}
     if args.json:

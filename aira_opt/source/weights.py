@@ -77,6 +77,7 @@ def write_preset_checkpoint(config: Any, tokenizer: Any, folder: Path, seed: int
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+    config.architectures = [type(skeleton).__name__]  # other converters (llama.cpp's) read the class from it
     if getattr(config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)  # the head reads the embedding
     del skeleton
