@@ -99,6 +99,7 @@ def parameters(spec: str) -> int:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,6 +121,9 @@ def plot(rows: list[dict], path: Path) -> None:
             title="Export memory as the model grows")
     wall.set(xlabel="parameters (billions)", ylabel="wall time (s)", xscale="log", yscale="log",
              title="Export wall time (ours: validation included)")
+    for axis in (mem, wall):  # one labelled tick per model size, no log-scale clutter
+        axis.set_xticks([s / 1e9 for s in sizes], [f"{s / 1e9:.2g}B" for s in sizes])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     mem.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -127,7 +131,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2-135m,aira-2-1b1-random")
+    parser.add_argument("--models", default="smollm2-135m,aira-2-1b1-random", help="empty: only --rows-from")
     parser.add_argument("--precisions", default="fp32,fp16,int4", help="ours; empty for none")
     parser.add_argument("--peers", default="", help="openvino-int4,openvino-int8,genai-int4,llamacpp-Q4_K_M,"
                         "optimum-fp32 (each from the model's checkpoint folder)")
@@ -145,8 +149,11 @@ def main() -> None:
         if getattr(args, name):
             setattr(args, name, str(Path(getattr(args, name)).absolute()))
     rows = [row for path in args.rows_from for row in json.loads(path.read_text())["results"]]
+    counts = {model: parameters(model) for model in {row["model"] for row in rows}}
+    for row in rows:  # counted again, the same way for every row
+        row["parameters"] = counts[row["model"]]
     with tempfile.TemporaryDirectory(prefix="export-cost-", dir=args.scratch) as scratch:
-        for model in args.models.split(","):
+        for model in filter(None, args.models.split(",")):
             count = parameters(model)
             jobs = [("aira-opt", p, [sys.executable, "-m", "aira_opt", "export", "--model", model, "--precision", p,
                                      "--output", "{out}", "--force"]) for p in filter(None, args.precisions.split(","))]
@@ -171,6 +178,7 @@ def main() -> None:
                     args.keep.mkdir(parents=True, exist_ok=True)
                     shutil.move(str(out), str(args.keep / out.name))
                 shutil.rmtree(out, ignore_errors=True)  # disk: the next one needs the room
+    rows.sort(key=lambda r: (r["parameters"], r["tool"] != "aira-opt", r["tool"], r["precision"]))
     report = {"machine": machine_info(None, float("nan")), "command": " ".join(sys.argv), "results": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -51,23 +51,48 @@ def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
     return sizes
 
 
+def sink_weight_nodes(model: onnx.ModelProto) -> None:
+    """Move each node that reads only weights (a tied head's Transpose of the embedding table) to just before its
+    first reader, in place: left where it is, its output would cross every piece between, held for every step."""
+    inits = {t.name for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+    weight_only = {id(n) for n in nodes if n.input and all(i in inits for i in n.input if i)}
+    pending = {o: n for n in nodes if id(n) in weight_only for o in n.output}
+    ordered = []
+    for node in nodes:
+        if id(node) in weight_only:
+            continue
+        for name in node.input:
+            if name in pending:
+                ordered.append(pending.pop(name))
+        ordered.append(node)
+    ordered += [n for n in dict.fromkeys(pending.values())]  # read by nothing: keep them
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
 def split(model: onnx.ModelProto, budget: int) -> list[tuple[int, int]]:
     """Consecutive node ranges [start, end) whose weights (counted where first used) stay within the budget; a
-    node whose own weights exceed it is a piece alone."""
+    node whose own weights exceed it is a piece alone. A node that reads only weights stays with the node after
+    it (sink_weight_nodes puts it there): its output, often as large as its input, never crosses pieces."""
     sizes = weight_bytes(model)
+    nodes = model.graph.node
     seen: set[str] = set()
     pieces, start, held = [], 0, 0
-    for index, node in enumerate(model.graph.node):
+    for index, node in enumerate(nodes):
         new = [i for i in node.input if i in sizes and i not in seen]
         cost = sum(sizes[i] for i in new)
-        if held and held + cost > budget:
-            pieces.append((start, index))
-            start, held, seen = index, 0, set()
-            new = [i for i in node.input if i in sizes]
-            cost = sum(sizes[i] for i in new)
+        cut = index
+        while cut > start and all(i in sizes for i in nodes[cut - 1].input if i):  # keep weight-only nodes
+            cut -= 1
+        if held and held + cost > budget and cut > start:
+            pieces.append((start, cut))
+            start, seen = cut, set()
+            new = [i for n in nodes[cut:index + 1] for i in n.input if i in sizes]
+            cost, held = sum(sizes[i] for i in set(new)), 0
         seen.update(new)
         held += cost
-    pieces.append((start, len(model.graph.node)))
+    pieces.append((start, len(nodes)))
     return pieces
 
 
@@ -111,9 +136,12 @@ def run_in_pieces(folder: ExportFolder, steps: Sequence[Step], budget: int = PIE
                   threads: int | None = None) -> list[np.ndarray]:
     """The logits [B, S, V] of every step, the export run piece by piece (each piece's session opened once)."""
     model = onnx.load(str(folder.model_path), load_external_data=False)
+    sink_weight_nodes(model)
     contract = folder.contract
     kv_dtype = helper.tensor_dtype_to_np_dtype(
         next(i for i in model.graph.input if i.name.startswith("past_key_values.")).type.tensor_type.elem_type)
+    if kv_dtype == np.float16:
+        budget //= 2  # ONNX Runtime's CPU kernels compute fp16 weights in fp32: each is held twice over
     ranges = split(model, budget)
     pieces = piece_models(model, ranges)
     del model

@@ -111,6 +111,8 @@ def streamed_model(folder: Path, config: Any) -> Any:
     config.torch_dtype = torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if getattr(config, "tie_word_embeddings", False):  # one parameter, as from_pretrained leaves it
+        model.lm_head.weight = model.get_input_embeddings().weight
     model.eval()
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig
