@@ -6,7 +6,7 @@ graph and the bytes are those the whole-graph recipe makes (tests/test_streaming
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,12 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, set_external_data, uses_external_data
 
+from aira_opt.exporting.onnx_files import EXTERNAL_DATA_THRESHOLD, remove_model_files, save_model
 from aira_opt.precision.fusing import fuse_attention, fuse_residual_norms, pack_projections
 from aira_opt.precision.graph import weight_matmuls
 from aira_opt.precision.head import head_matmul
 
+ChunkStep = Callable[[onnx.ModelProto, set[str]], tuple[onnx.ModelProto, dict[str, Any]]]
 LAYER = re.compile(r"/layers/(\d+)/")  # a node's decoder layer, from the module path in its name
 SMALL = 1 << 20  # initializers below this are loaded up front: the constants graph rewrites read
 INLINE = 1024  # what stays inside model.onnx, as onnx.save_model's size_threshold keeps it
@@ -134,8 +136,8 @@ def weights_of(model: onnx.ModelProto, nodes: list[str]) -> set[str]:
     return wanted
 
 
-def rewrite_by_layer(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse_config: Any | None = None
-                      ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def rewrite_by_layer(fp32_path: Path, out_path: Path, quantize_chunk: ChunkStep, fuse_config: Any | None = None
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run a recipe chunk by chunk from fp32_path (model.onnx with its data) to out_path: attention fused first
     (graph only), then per layer: load its weights, pack them, `quantize_chunk(model, scope)` (returns the model
     and the chunk's record; `keep_weights` for a fused fp32 graph), write them out. Returns the chunks' records
@@ -173,6 +175,10 @@ def rewrite_by_layer(fp32_path: Path, out_path: Path, quantize_chunk: Any, fuse_
     finally:
         writer.close()
     onnx.save_model(model, str(out_path))
+    if writer.offset <= EXTERNAL_DATA_THRESHOLD:  # small: one file, as every export this small is stored
+        whole = onnx.load(str(out_path))
+        remove_model_files(out_path)
+        save_model(whole, out_path)
     return records, fusion
 
 

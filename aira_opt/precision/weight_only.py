@@ -20,8 +20,8 @@ from aira_opt.precision.graph import weight_matmuls
 from aira_opt.precision.head import head_matmul, own_head, untie_head
 from aira_opt.precision.qdq import AiraCalibrationReader, calibration_record, calibration_sequences
 from aira_opt.precision.recipe import RecipeInput, RecipeOutput, WeightOnlySettings
-from aira_opt.precision.streaming import rewrite_by_layer
 from aira_opt.precision.source_grid import GRID_BLOCK, store_source_grids, store_symmetric_grids
+from aira_opt.precision.streaming import rewrite_by_layer
 
 
 def quantize_model(model: onnx.ModelProto, settings: WeightOnlySettings, fuse_config: Any | None = None,
