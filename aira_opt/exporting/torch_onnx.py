@@ -166,9 +166,9 @@ def _meta_twin(model: Any) -> Any:
     twin.to_empty(device="cpu")
     if getattr(model.config, "tie_word_embeddings", False):  # to_empty gives each name a tensor of its own
         twin.lm_head.weight = twin.get_input_embeddings().weight
-    buffers = dict(model.named_buffers())
-    for name, buffer in twin.named_buffers():
-        buffer.copy_(buffers[name])
+    for name, buffer in model.named_buffers():  # the model's own, dtype included (half() casts them too)
+        owner, _, attr = name.rpartition(".")
+        twin.get_submodule(owner)._buffers[attr] = buffer.detach().clone()
     return twin.eval()
 
 
