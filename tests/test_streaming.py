@@ -158,6 +158,8 @@ def test_the_llama3_presets_have_the_real_models_shapes():
 
 def test_a_preset_is_written_once_as_shards_and_loads_streamed(tmp_path, monkeypatch):
     """Llama-3.2-3B's shape cut to one layer (its 128256 x 3072 table is the largest tensor CI writes)."""
+    import torch
+
     monkeypatch.setenv("AIRA_OPT_CACHE", str(tmp_path / "cache"))
     loaded = load_model("llama-3.2-3b-random", num_layers=1, streamed=True)
     assert loaded.config.rope_scaling["rope_type"] == "llama3" and loaded.config.vocab_size == 128256
@@ -169,6 +171,12 @@ def test_a_preset_is_written_once_as_shards_and_loads_streamed(tmp_path, monkeyp
     assert "lm_head.weight" not in weights  # tied: the head reads the table
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
+    assert loaded.describe()["num_parameters"] == 3072 * 128256 + sum(
+        v.numel() for k, v in ((k, weights[k]) for k in weights) if ".layers." in k or "norm" in k)
+    with torch.no_grad():  # a forward swaps the streamed parameters: the count stays the model's
+        loaded.model(torch.tensor([[1, 2, 3]]))
+    assert loaded.describe()["num_parameters"] == 3072 * 128256 + sum(
+        v.numel() for k, v in ((k, weights[k]) for k in weights) if ".layers." in k or "norm" in k)
     assert loaded.extra["seed"] == 1234 and loaded.checkpoint == folder
 
 

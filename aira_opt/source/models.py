@@ -145,6 +145,11 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def num_parameters(self) -> int:
+        weights = getattr(self.model, "streamed_weights", None)
+        return int(weights.parameter_count if weights is not None else sum(p.numel() for p in self.model.parameters()))
+
+    @property
     def checkpoint(self) -> Path | None:
         """The safetensors folder a streamed model reads (other converters can start from it), else None."""
         weights = getattr(self.model, "streamed_weights", None)
@@ -162,7 +167,7 @@ class LoadedModel:
             "source": self.source,
             "kind": self.kind,
             "architecture": type(self.model).__name__,
-            "num_parameters": int(sum(p.numel() for p in self.model.parameters())),
+            "num_parameters": self.num_parameters,
             "hidden_size": cfg.hidden_size,
             "num_hidden_layers": cfg.num_hidden_layers,
             "num_attention_heads": cfg.num_attention_heads,

@@ -122,6 +122,8 @@ def streamed_model(folder: Path, config: Any) -> Any:
     tied = getattr(config, "tie_word_embeddings", False)
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     lookup = StreamedWeights(weights, names, tied)
+    # counted now: the offload hooks swap a module's parameters at each forward, which unties a tied head
+    lookup.parameter_count = sum(p.numel() for p in model.parameters())
     cpu_offload(model, execution_device=torch.device("cpu"), offload_buffers=False, state_dict=lookup)
     model.streamed_weights = lookup  # the exporter reads the weights from here
     return model
@@ -132,6 +134,7 @@ class StreamedWeights(Mapping[str, Any]):
 
     def __init__(self, weights: SafetensorsWeights, names: set[str], tied: bool):
         self.weights, self.names, self.tied = weights, names, tied
+        self.parameter_count = 0  # the model's parameters, a tied head once (set by streamed_model)
 
     def source_name(self, name: str) -> str:
         if name not in self.weights and self.tied and name == "lm_head.weight":
