@@ -31,6 +31,7 @@ class Exporter:
                                # imported on use, as both import torch
     needs: str | None = None   # the module it imports, when that comes from an extra
     extra: str | None = None   # the package extra that brings it
+    streams: bool = False      # traces a streamed model (weights read from the checkpoint as written)
 
     def check_available(self) -> None:
         """One-line error, before any slow work, when this exporter's extra is not installed."""
@@ -52,7 +53,8 @@ class Exporter:
 
 
 EXPORTERS = {e.name: e for e in (
-    Exporter("torch", "torch.onnx dynamo exporter (aira_opt.exporting.torch_onnx)", "aira_opt.exporting.torch_onnx"),
+    Exporter("torch", "torch.onnx dynamo exporter (aira_opt.exporting.torch_onnx)", "aira_opt.exporting.torch_onnx",
+             streams=True),
     Exporter("optimum", "optimum.exporters.onnx (text-generation-with-past)", "aira_opt.exporting.optimum_onnx",
              needs="optimum.exporters.onnx", extra="optimum"),
 )}

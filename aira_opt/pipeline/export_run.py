@@ -74,7 +74,8 @@ def run_export(plan: ExportPlan, on_progress: ProgressCallback | None = None,
     # Loading is not a numbered step: a model that cannot load is one error line, with nothing before it.
     # Streamed: the weights stay in the checkpoint and are read a tensor (or a layer) at a time, by the exporter,
     # the recipes and the PyTorch reference alike (source/weights.py).
-    loaded = loaded or load_model(plan.model, num_layers=plan.num_layers, streamed=True)
+    # optimum's exporter traces with TorchScript and needs the weights in memory.
+    loaded = loaded or load_model(plan.model, num_layers=plan.num_layers, streamed=plan.exporter.streams)
     steps = Steps(5 if plan.kernel_candidates else 4, on_progress)
     enforce = record.enforce_on_random_weights or loaded.kind != "random"
     tuning = list(plan.kernel_candidates)
