@@ -292,14 +292,10 @@ def load_reference(spec: str, num_layers: int | None = None) -> LoadedModel:
 
 
 def available_memory() -> int:
-    """Bytes of memory available to a new allocation now (Linux's MemAvailable; elsewhere, a large number)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 50
+    """Bytes of memory available to a new allocation now."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -152,10 +152,3 @@ class StreamedWeights(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def nbytes(self) -> int:
-        """The checkpoint's bytes as stored (before the fp32 upcast)."""
-        index = self.weights.folder / INDEX
-        if index.is_file():
-            return int(json.loads(index.read_text())["metadata"]["total_size"])
-        return sum(f.stat().st_size for f in set(self.weights.files.values()))
